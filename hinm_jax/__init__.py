@@ -8,6 +8,7 @@ Example:
     >>> y = hinm_jax.sparse_matmul(jax.numpy.ones((8, 256)), sparse["dense"]["kernel"])
 """
 
+from hinm_jax import _serialization  # noqa: F401  (registers flax serialization)
 from hinm_jax.format import SparseWeight, compress, pack_for
 from hinm_jax.masks import Layout, Mask, Summary, apply_masks, prune, summary
 from hinm_jax.ops import available_implementations, sparse_matmul

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -105,23 +106,32 @@ def stripe_keep(s, n: int):
 
 
 def vector_step(score, row_perm, vector_size: int, kept_inputs: int):
-    """Each block's ``kept_inputs`` best input indices, ascending: ``(O/V, K_v)`` int32."""
+    """Each block's ``kept_inputs`` best input indices, ascending: ``(O/V, K_v)`` int32.
+
+    ``row_perm=None`` is the identity permutation.
+    """
     k, o = score.shape
     nb = o // vector_size
     if kept_inputs == k:
         return jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (nb, k))
-    block = score.T[row_perm].reshape(nb, vector_size, k).sum(axis=1)
+    block = _structure.to_blocks(score, row_perm, nb).sum(axis=2).T  # (nb, K)
     _, idx = jax.lax.top_k(block, kept_inputs)  # ties: lowest index first
     return jnp.sort(idx, axis=-1).astype(jnp.int32)
 
 
+def _nm_step(score, row_perm, vector_index, n: int, m: int):
+    nb, kv = vector_index.shape
+    k = score.shape[0]
+    g = _structure.gather_blocks(_structure.to_blocks(score, row_perm, nb), vector_index)  # (nb, K_v, V)
+    keep = stripe_keep(jnp.moveaxis(g.reshape(nb, kv // m, m, -1), 2, 3), n)  # (nb, J, V, m)
+    keep = jnp.moveaxis(keep, 3, 2).reshape(g.shape)
+    return _structure.from_blocks(_structure.scatter_blocks(keep, vector_index, k), row_perm)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m"))
 def mask_from_layout(score, row_perm, vector_index, n: int, m: int):
     """The N:M step of one ``(K, O)`` matrix in a given layout: a bool ``(K, O)`` mask."""
-    score = _clean(score)
-    g = _structure.gather_packed(score, row_perm, vector_index)
-    o, kv = g.shape
-    keep = stripe_keep(g.reshape(o, kv // m, m), n).reshape(o, kv)
-    return _structure.scatter_packed(keep, row_perm, vector_index, score.shape[0])
+    return _nm_step(_clean(score), row_perm, vector_index, n, m)
 
 
 def _hss_mask(score, levels):
@@ -144,6 +154,7 @@ def _unstructured_mask(score, count: int):
     return jnp.zeros(flat.shape, bool).at[idx].set(True).reshape(score.shape)
 
 
+@functools.partial(jax.jit, static_argnames=("pattern",))
 def matrix_mask(score, pattern: Pattern, row_perm=None):
     """The mask of one ``(K, O)`` matrix of scores, in SPEC semantics.
 
@@ -169,11 +180,12 @@ def matrix_mask(score, pattern: Pattern, row_perm=None):
     if isinstance(pattern, HSS):
         return _hss_mask(score, pattern.levels), None
     v, kv, n, m = pattern.structure(k, o)
+    if row_perm is not None:
+        row_perm = jnp.asarray(row_perm, jnp.int32)
+    vector_index = vector_step(score, row_perm, v, kv)
+    mask = _nm_step(score, row_perm, vector_index, n, m)
     if row_perm is None:
         row_perm = jnp.arange(o, dtype=jnp.int32)
-    row_perm = jnp.asarray(row_perm, jnp.int32)
-    vector_index = vector_step(score, row_perm, v, kv)
-    mask = mask_from_layout(score, row_perm, vector_index, n, m)
     return mask, Layout(row_perm, vector_index)
 
 

@@ -70,15 +70,18 @@ def _gather_path(x, w: SparseWeight):
     o = w.row_perm.shape[0]
     xg = x.T[vi]  # (nb, K_v, T): activations gather better laid out (K, T)
     tiles = w.packed_tiles().reshape(nb, o // nb, kv)
-    y = _dot(tiles, xg, (((2,), (1,)), ((0,), (0,))))  # (nb, V, T)
-    return y.reshape(o, -1)
+    y = _dot(xg, tiles, (((1,), (2,)), ((0,), (0,))))  # (nb, T, V)
+    return y.transpose(1, 0, 2).reshape(-1, o)  # (T, O)
 
 
 def _dense_path(x, w: SparseWeight):
-    """Expands the weight to dense packed rows and runs one dense product."""
-    k, _ = w.matrix_shape
-    rows = _structure.packed_rows(w.packed_tiles(), w.vector_index, k)  # (O, K)
-    return _dot(rows, x, (((1,), (1,)), ((), ())))  # (O, T)
+    """Expands the weight to a dense ``(K, O)`` matrix, columns in packed order, and
+    runs one dense product."""
+    k, o = w.matrix_shape
+    nb = w.vector_index.shape[0]
+    tiles = _structure.rows_to_blocks(w.packed_tiles(), nb)  # (nb, K_v, V)
+    dense = _structure.scatter_blocks(tiles, w.vector_index, k).reshape(k, o)
+    return _dot(x, dense, (((1,), (0,)), ((), ())))  # (T, O)
 
 
 def _use_gather(t: int, k: int, w: SparseWeight) -> bool:
@@ -97,9 +100,8 @@ def reference_matmul(x, w: SparseWeight):
     """
     t, k = x.shape
     path = _gather_path if _use_gather(t, k, w) else _dense_path
-    y = path(x, w)  # (O, T) in packed order
-    y = y[_structure.inverse_permutation(w.row_perm)]
-    return y.T.astype(_out_dtype(x, w))
+    y = path(x, w)  # (T, O), columns in packed order
+    return y[:, _structure.inverse_permutation(w.row_perm)].astype(_out_dtype(x, w))
 
 
 def _check(x, w) -> None:
@@ -157,8 +159,7 @@ def sparse_matmul(x, w: SparseWeight, *, bias=None, implementation: str | None =
                 f"available: {available_implementations()}"
             )
         try:
-            y = mod.matmul(x2, w)
-            break
+            return mod.matmul(x2, w, bias=bias).reshape(lead + (o,))  # kernels may fuse the bias
         except NotImplementedError:
             if implementation is not None:
                 raise

@@ -1,0 +1,185 @@
+"""The ``"cuda"`` backend of :func:`hinm_jax.sparse_matmul`: adapter between the canonical
+:class:`~hinm_jax.format.SparseWeight` and the ``mma.sp`` kernel in :mod:`cuda_ffi`.
+
+Runs ``HiNM(V, s, 2, 4)`` (``V`` a multiple of 32) and ``NM(2, 4)`` weights in float16 or
+bfloat16 on NVIDIA GPUs of compute capability 8.0 or newer, through ``jax.ffi``. The
+library is compiled by nvcc the first time :func:`is_available` is asked (into
+``~/.cache/hinm_jax/cuda``); importing this module compiles nothing. Anything else raises
+``NotImplementedError`` so that the default dispatch falls through to another backend.
+
+Example:
+    >>> import jax, jax.numpy as jnp, hinm_jax
+    >>> params = {"w": jax.random.normal(jax.random.key(0), (256, 128), jnp.float16)}
+    >>> sw = hinm_jax.compress(params, hinm_jax.prune(params, "hinm:64:0.5:2:4"))["w"]
+    >>> sw = hinm_jax.pack_for(sw, "cuda")  # once, at conversion  # doctest: +SKIP
+    >>> y = hinm_jax.sparse_matmul(jnp.ones((4, 256), jnp.float16), sw, implementation="cuda")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import cuda_ffi
+from cuda_ffi import packing as cuda_packing
+from cuda_ffi import tiles as cuda_tiles
+from hinm_jax.format import SparseWeight
+from hinm_jax.patterns import NM
+
+__all__ = ["NAME", "is_available", "supports", "pack", "matmul"]
+
+NAME = "cuda"
+_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+
+def _cuda_compute_capability() -> tuple[int, int] | None:
+    """Compute capability of jax's first CUDA device, ``None`` without one."""
+    if jax.default_backend() != "gpu":
+        return None
+    for d in jax.devices():
+        cc = getattr(d, "compute_capability", None)  # CUDA devices only (not ROCm)
+        if d.platform == "gpu" and cc:
+            major, minor = str(cc).split(".")[:2]
+            return int(major), int(minor)
+    return None
+
+
+@functools.cache
+def is_available() -> bool:
+    """A CUDA GPU of compute capability >= 8.0 is jax's default backend and the kernel
+    library is built and registered (built here on first call; the answer is cached)."""
+    cc = _cuda_compute_capability()
+    if cc is None or cc < (8, 0):
+        return False
+    try:
+        cuda_ffi.register()
+    except (cuda_ffi.BuildError, OSError) as e:
+        warnings.warn(f"hinm_jax: the CUDA kernel is unavailable, falling back: {e}", RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def supports(w: SparseWeight) -> str | None:
+    """Why the kernel cannot run ``w`` (ignoring the activations), or ``None`` if it can."""
+    if not isinstance(w, SparseWeight) or w.pattern is None:
+        return "not a compressed SparseWeight"
+    if w.stack_axes:
+        return f"shape={w.shape} stack_axes={w.stack_axes}: one matrix at a time"
+    if (w.n, w.m) != (2, 4):
+        return f"pattern {w.pattern}: only 2:4-based patterns (HiNM(., ., 2, 4), NM(2, 4)) run on mma.sp"
+    if w.dtype not in _DTYPES:
+        return f"dtype {w.dtype}: float16 or bfloat16 weights only"
+    if not isinstance(w.pattern, NM) and w.vector_size % 32:
+        return f"pattern {w.pattern}: vector size {w.vector_size} is not a multiple of 32"
+    return None
+
+
+def _concrete(arrays):
+    """numpy copies of ``arrays``, or ``None`` if any is traced."""
+    try:
+        return [np.asarray(a) for a in arrays]
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _pack_matrix(w: SparseWeight, values, metadata, vector_index, row_perm) -> dict:
+    k, _ = w.matrix_shape
+    concrete = _concrete((values, metadata, vector_index, row_perm))
+    if concrete is not None:
+        direct = True if isinstance(w.pattern, NM) else None
+        return cuda_packing.pack(*concrete, direct=direct, in_features=k)
+    return cuda_packing.pack(values, metadata, vector_index, row_perm, direct=isinstance(w.pattern, NM), xp=jnp)
+
+
+def pack(w: SparseWeight) -> dict | None:
+    """The kernel layout of ``w`` (see :mod:`cuda_ffi.packing`), or ``None`` when the
+    kernel cannot run ``w`` (its matmul then falls through to another backend).
+
+    Concrete arrays are packed with numpy (validated); traced ones with ``jax.numpy``.
+    Stacked weights get a leading stack axis on every array.
+
+    Example:
+        >>> packed = pack(sw)  # doctest: +SKIP
+    """
+    flat = dataclasses.replace(w, stack_axes=0, shape=w.shape[w.stack_axes :]) if w.stack_axes else w
+    if supports(flat) is not None:
+        return None
+    fn = lambda *arrays: _pack_matrix(flat, *arrays)
+    arrays = (w.values, w.metadata, w.vector_index, w.row_perm)
+    if not w.stack_axes:
+        return fn(*arrays)
+    lead = w.shape[: w.stack_axes]
+    flat_arrays = [jnp.reshape(a, (-1,) + a.shape[w.stack_axes :]) for a in arrays]
+    if _concrete(arrays) is None:
+        out = jax.vmap(fn)(*flat_arrays)
+    else:
+        parts = [fn(*(a[i] for a in flat_arrays)) for i in range(flat_arrays[0].shape[0])]
+        out = {key: np.stack([p[key] for p in parts]) for key in parts[0]}
+    return {key: v.reshape(lead + v.shape[1:]) for key, v in out.items()}
+
+
+def _kernel_matmul(x, packed: dict, out_features: int, bias):
+    return cuda_ffi.spmm(x, packed, out_features, bias)
+
+
+def _reference(x, w: SparseWeight, bias):
+    from hinm_jax.ops import reference_matmul  # ops imports this module lazily
+
+    y = reference_matmul(x, w)
+    return y if bias is None else (y + bias).astype(y.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _matmul(x, w: SparseWeight, packed: dict, out_features: int, bias):
+    return _kernel_matmul(x, packed, out_features, bias)
+
+
+def _matmul_fwd(x, w, packed, out_features, bias):
+    return _kernel_matmul(x, packed, out_features, bias), (x, w, bias)
+
+
+def _matmul_bwd(out_features, res, g):
+    # The reference computes the same function of (x, w, bias); its VJP gives every cotangent.
+    x, w, bias = res
+    _, vjp = jax.vjp(_reference, x, w, bias)
+    gx, gw, gb = vjp(g)
+    return gx, gw, None, gb
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(x, w: SparseWeight, bias=None):
+    """``x @ w.densify() (+ bias)`` for ``x`` ``(T, K)`` with the ``mma.sp`` kernel.
+
+    Uses ``w.packed`` when it was packed for this backend (:func:`hinm_jax.pack_for`),
+    otherwise packs in-graph. The bias (``(O,)``, optional) is added in float32 in the
+    kernel's epilogue. Differentiable (the backward pass is the reference's).
+
+    Raises:
+      NotImplementedError: a pattern other than HiNM(., ., 2, 4) / NM(2, 4), a dtype other
+        than float16/bfloat16 (x and w alike), a vector size that is not a multiple of 32,
+        or stacked weights.
+    """
+    why = supports(w)
+    if why is not None:
+        raise NotImplementedError(f"cuda: {why}")
+    if x.ndim != 2:
+        raise NotImplementedError(f"cuda: x: shape={x.shape}: expected (T, K)")
+    dtype = jnp.dtype(jnp.result_type(x.dtype, w.dtype))
+    if dtype != w.dtype or x.dtype != w.dtype:
+        raise NotImplementedError(f"cuda: x dtype {x.dtype} with w dtype {w.dtype}: both must be float16 or both bfloat16")
+    _, o = w.matrix_shape
+    if x.shape[0] == 0:
+        return jnp.zeros((0, o), dtype)
+    packed = w.packed if (w.packed_for == NAME and w.packed is not None) else pack(w)
+    lay = cuda_packing.layout_of(packed, o)
+    if cuda_tiles.tile_height(lay.vector_size, lay.gather) is None:
+        raise NotImplementedError(f"cuda: pattern {w.pattern}: no tile fits vector size {lay.vector_size}")
+    plain = dataclasses.replace(w, packed=None, packed_for=None)
+    return _matmul(x, plain, packed, o, bias)

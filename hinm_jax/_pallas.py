@@ -1,0 +1,140 @@
+"""The ``"pallas"`` backend of :func:`hinm_jax.sparse_matmul`: adapter between the
+canonical :class:`~hinm_jax.format.SparseWeight` and the plain-array kernel in
+:mod:`pallas_kernels`.
+
+On an NVIDIA GPU the kernel is compiled by the Pallas Triton lowering; on CPU it runs
+in Pallas interpret mode (slow: for tests), and only when asked for explicitly
+(``implementation="pallas"``); the default dispatch on CPU uses the reference.
+
+Example:
+    >>> import jax, jax.numpy as jnp, hinm_jax
+    >>> params = {"w": jax.random.normal(jax.random.key(0), (256, 128))}
+    >>> sw = hinm_jax.compress(params, hinm_jax.prune(params, "hinm:32:0.5:2:4"))["w"]
+    >>> sw = hinm_jax.pack_for(sw, "pallas")  # once, at conversion
+    >>> y = hinm_jax.sparse_matmul(jnp.ones((4, 256)), sw, implementation="pallas")
+    >>> bool(jnp.allclose(y, jnp.ones((4, 256)) @ sw.densify(), rtol=1e-4, atol=1e-4))
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels
+from hinm_jax.format import SparseWeight
+from hinm_jax.patterns import NM
+
+__all__ = ["NAME", "is_available", "pack", "matmul"]
+
+NAME = "pallas"
+
+
+def is_available() -> bool:
+    """True on a GPU (compiled Triton kernel) and on CPU (interpret mode, on request)."""
+    return jax.default_backend() in ("gpu", "cpu")
+
+
+def _interpret() -> bool:
+    return jax.default_backend() != "gpu"
+
+
+def _pack_matrix(w: SparseWeight, values, metadata, vector_index, row_perm) -> dict:
+    packed = pallas_kernels.pack(
+        values,
+        metadata,
+        vector_index,
+        row_perm,
+        n=w.n,
+        m=w.m,
+        identity_index=isinstance(w.pattern, NM),
+    )
+    return {k: v for k, v in packed._asdict().items() if v is not None}
+
+
+def pack(w: SparseWeight) -> dict:
+    """The kernel layout of ``w`` (see :mod:`pallas_kernels.packing`): ``values``
+    ``(*stack, O, n, J_pad)``, ``positions`` uint8 (absent for VectorWise),
+    ``vector_index`` ``(*stack, O/V, m, J_pad)`` (absent for plain N:M) and ``row_perm``.
+
+    Example:
+        >>> packed = pack(sw)  # doctest: +SKIP
+    """
+    fn = lambda *arrays: _pack_matrix(w, *arrays)
+    for _ in range(w.stack_axes):
+        fn = jax.vmap(fn)
+    return fn(w.values, w.metadata, w.vector_index, w.row_perm)
+
+
+def _kernel_matmul(x, w: SparseWeight, packed: dict):
+    dtype = x.dtype
+    return pallas_kernels.hinm_spmm(
+        x,
+        packed["values"].astype(dtype),
+        packed.get("positions"),
+        packed.get("vector_index"),
+        packed["row_perm"],
+        m=w.m,
+        interpret=_interpret(),
+    )
+
+
+def _reference(x, w: SparseWeight):
+    from hinm_jax.ops import reference_matmul  # ops imports this module lazily
+
+    return reference_matmul(x, w)
+
+
+@jax.custom_vjp
+def _matmul(x, w: SparseWeight, packed: dict):
+    return _kernel_matmul(x, w, packed)
+
+
+def _matmul_fwd(x, w, packed):
+    return _kernel_matmul(x, w, packed), (x, w)
+
+
+def _matmul_bwd(res, g):
+    # The reference is the same function of (x, w); its VJP gives the cotangent of x
+    # (and of w's values, should anyone differentiate through a compressed weight).
+    x, w = res
+    _, vjp = jax.vjp(_reference, x, w)
+    gx, gw = vjp(g.astype(jnp.result_type(x.dtype, w.dtype)))
+    return gx, gw, None
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(x, w: SparseWeight, bias=None):
+    """``x @ w.densify() (+ bias)`` for ``x`` ``(T, K)``, with the Pallas kernel.
+
+    Uses ``w.packed`` when it was packed for this backend (:func:`hinm_jax.pack_for`),
+    otherwise packs in-graph. Differentiable (the backward pass is the reference's).
+
+    Raises:
+      NotImplementedError: stacked weights, a dtype other than float32/float16/bfloat16,
+        or a vector size that is not a multiple of 16.
+    """
+    if w.stack_axes:
+        raise NotImplementedError(f"pallas: shape={w.shape} stack_axes={w.stack_axes}: one matrix at a time")
+    dtype = jnp.dtype(jnp.result_type(x.dtype, w.dtype))
+    if dtype not in pallas_kernels.SUPPORTED_DTYPES:
+        raise NotImplementedError(
+            f"pallas: dtype {dtype} (x {x.dtype}, w {w.dtype}): float32, float16 or bfloat16 only"
+        )
+    k, o = w.matrix_shape
+    if w.vector_size % pallas_kernels.MIN_TILE:
+        raise NotImplementedError(
+            f"pallas: shape={w.shape} pattern {w.pattern}: vector size {w.vector_size} is not a multiple of "
+            f"{pallas_kernels.MIN_TILE}"
+        )
+    x = x.astype(dtype)
+    if x.shape[0] == 0:
+        return jnp.zeros((0, o), dtype)
+    packed = w.packed if w.packed_for == NAME else pack(w)
+    plain = dataclasses.replace(w, packed=None, packed_for=None)
+    y = _matmul(x, plain, packed)
+    return y if bias is None else (y + bias).astype(y.dtype)

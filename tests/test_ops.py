@@ -1,0 +1,160 @@
+"""The shared backend suite: every implementation against the xla reference.
+
+"xla" always runs; "pallas" runs in interpret mode on CPU (small shapes); "cuda" needs
+an NVIDIA GPU and is skipped elsewhere.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hinm_jax
+from hinm_jax import NM, HiNM, VectorWise
+from hinm_jax.ops import reference_matmul
+
+
+def _runnable(impl: str) -> bool:
+    if impl == "xla":
+        return True
+    try:
+        mod = hinm_jax.format.backend_module(impl)
+    except ImportError:
+        return False
+    if impl == "pallas":
+        return True  # interpret mode on CPU
+    return mod.is_available()
+
+
+@pytest.fixture(params=["xla", "pallas", pytest.param("cuda", marks=pytest.mark.gpu)])
+def impl(request):
+    if not _runnable(request.param):
+        pytest.skip(f"{request.param} cannot run here")
+    return request.param
+
+
+def _matmul(x, sw, impl, **kw):
+    """sparse_matmul with an explicit implementation; the cuda kernel runs fp16/bf16
+    only, and says so with NotImplementedError (then the case does not apply)."""
+    try:
+        return hinm_jax.sparse_matmul(x, sw, implementation=impl, **kw)
+    except NotImplementedError as e:
+        if impl == "cuda" and jnp.dtype(sw.dtype) == jnp.float32:
+            pytest.skip(f"cuda: {e}")
+        raise
+
+
+def _sparse(k, o, pattern, dtype, seed=0, permuted=True):
+    """A compressed (K, O) weight with a non-trivial π and σ."""
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.normal(size=(k, o)), dtype)
+    v, kv, n, m = pattern.structure(k, o)
+    perm = rng.permutation(o) if permuted else np.arange(o)
+    if kv == k and v == o:  # plain N:M: the vector index is all of K (σ may still reorder)
+        vi = np.arange(k)[None]
+    else:
+        vi = np.stack([rng.permutation(k)[:kv] for _ in range(o // v)])
+    perm, vi = jnp.asarray(perm, jnp.int32), jnp.asarray(vi, jnp.int32)
+    mask = hinm_jax.masks.mask_from_layout(jnp.abs(w.astype(jnp.float32)), perm, vi, n, m)
+    masks = {"w": hinm_jax.Mask(mask, hinm_jax.Layout(perm, vi), pattern)}
+    return hinm_jax.compress({"w": w}, masks)["w"]
+
+
+SHAPES = [
+    (64, 64, HiNM(32, 0.5, 2, 4)),
+    (128, 64, HiNM(64, 0.5, 2, 4)),
+    (96, 32, HiNM(32, 0.25, 2, 4)),
+    (64, 32, NM(2, 4)),
+]
+
+
+@pytest.mark.parametrize("k, o, pattern", SHAPES)
+@pytest.mark.parametrize("t", [1, 7, 32])
+def test_matches_the_dense_product_fp32(impl, k, o, pattern, t):
+    sw = _sparse(k, o, pattern, jnp.float32)
+    x = jax.random.normal(jax.random.key(t), (t, k))
+    y = _matmul(x, sw, impl)
+    want = np.asarray(x, np.float64) @ np.asarray(sw.densify(), np.float64)
+    assert y.shape == (t, o) and y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("k, o, pattern", SHAPES[:2] + SHAPES[3:])
+def test_half_precision_accumulates_in_fp32(impl, dtype, k, o, pattern):
+    sw = _sparse(k, o, pattern, dtype, seed=1)
+    x = jax.random.normal(jax.random.key(0), (16, k), dtype)
+    y = _matmul(x, sw, impl)
+    assert y.dtype == dtype
+    want = np.asarray(x, np.float32) @ np.asarray(sw.densify(), np.float32)
+    np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=2e-2, atol=2e-2)
+
+
+def test_leading_batch_dims_bias_and_jit(impl):
+    sw = _sparse(64, 64, HiNM(32, 0.5, 2, 4), jnp.float32)
+    x = jax.random.normal(jax.random.key(0), (2, 3, 64))
+    bias = jnp.arange(64.0)
+    f = jax.jit(lambda x, w: _matmul(x, w, impl, bias=bias))
+    y = f(x, sw)
+    assert y.shape == (2, 3, 64)
+    np.testing.assert_allclose(y, x @ sw.densify() + bias, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_in_x(impl):
+    sw = _sparse(64, 64, HiNM(32, 0.5, 2, 4), jnp.float32)
+    x = jax.random.normal(jax.random.key(0), (5, 64))
+    g = jax.grad(lambda x: jnp.sum(jnp.sin(_matmul(x, sw, impl))))(x)
+    want = jax.grad(lambda x: jnp.sum(jnp.sin(x @ sw.densify())))(x)
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5)
+
+
+# --- the reference itself -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t", [1, 64])
+@pytest.mark.parametrize("k, o, pattern", SHAPES + [(40, 16, VectorWise(8, 0.5)), (32, 16, NM(3, 8))])
+def test_reference_paths_agree(k, o, pattern, t):
+    """Both reference paths (gather, dense) compute the same product."""
+    from hinm_jax import ops
+
+    sw = _sparse(k, o, pattern, jnp.float32)
+    x = jax.random.normal(jax.random.key(0), (t, k))
+    want = np.asarray(x, np.float64) @ np.asarray(sw.densify(), np.float64)
+    inv = hinm_jax._structure.inverse_permutation(sw.row_perm)
+    for path in (ops._gather_path, ops._dense_path):
+        y = path(x, sw)[:, inv]
+        np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(reference_matmul(x, sw)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_kernel_multiplies_flattened_patches():
+    w = jax.random.normal(jax.random.key(0), (3, 3, 8, 32))
+    sw = hinm_jax.compress({"w": w}, hinm_jax.prune({"w": w}, "hinm:16:0.5:2:4"))["w"]
+    x = jax.random.normal(jax.random.key(1), (4, 72))
+    np.testing.assert_allclose(
+        hinm_jax.sparse_matmul(x, sw), x @ sw.densify().reshape(72, 32), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_available_implementations():
+    impls = hinm_jax.available_implementations()
+    assert impls[-1] == "xla"
+    if jax.default_backend() == "cpu":
+        assert "cuda" not in impls
+
+
+def test_bad_inputs():
+    sw = _sparse(64, 64, HiNM(32, 0.5, 2, 4), jnp.float32)
+    with pytest.raises(ValueError, match=r"x: shape=\(3, 32\) does not match w: shape=\(64, 64\) \(K=64, O=64\) pattern hinm:32:0.5:2:4"):
+        hinm_jax.sparse_matmul(jnp.ones((3, 32)), sw)
+    with pytest.raises(ValueError, match="implementation='tpu'"):
+        hinm_jax.sparse_matmul(jnp.ones((3, 64)), sw, implementation="tpu")
+    with pytest.raises(ValueError, match="expected a SparseWeight"):
+        hinm_jax.sparse_matmul(jnp.ones((3, 64)), jnp.ones((64, 64)))
+    w = jax.random.normal(jax.random.key(0), (2, 64, 32))
+    stacked = hinm_jax.compress({"w": w}, hinm_jax.prune({"w": w}, "2:4", stack_axes=1))["w"]
+    with pytest.raises(ValueError, match="stack_axes=1"):
+        hinm_jax.sparse_matmul(jnp.ones((3, 64)), stacked)
+    if jax.default_backend() == "cpu":
+        with pytest.raises(ValueError, match="implementation='cuda' cannot run here"):
+            hinm_jax.sparse_matmul(jnp.ones((3, 64)), sw, implementation="cuda")
