@@ -3,8 +3,10 @@
 Sparse: ``ste_apply`` in the loss + ``optim.sparsify(adam, sr_ste=True,
 refresh_every=100)`` (SR-STE and an in-graph mask refresh every 100 steps, HiNM(32, 0.5,
 2:4)). Dense: the same model, loss and adam, without masks. Each timed run is 100 jitted
-steps from the same start (so exactly one refresh), called from a Python loop as in a
-real training script; medians of interleaved runs. Target: overhead <= 15%.
+steps (params and state donated) from the same start, so exactly one refresh, called from
+a Python loop as in a real training script. Medians of interleaved runs, as wall time and
+as the process's CPU time (all threads; robust to other load on a shared machine).
+Target: overhead <= 15%.
 
 Run: python benchmarks/train_step.py [--steps 100] [--repeats 7]
 """
@@ -12,6 +14,10 @@ Run: python benchmarks/train_step.py [--steps 100] [--repeats 7]
 from __future__ import annotations
 
 import argparse
+import functools
+import time
+
+import numpy as np
 
 import flax.linen as nn
 import jax
@@ -21,7 +27,7 @@ import optax
 import hinm_jax
 from hinm_jax import optim
 
-from _timing import block, interleaved, machine
+from _timing import machine
 
 PATTERN = hinm_jax.HiNM(32, 0.5, 2, 4)
 
@@ -52,7 +58,7 @@ def make_steps(model, params, x, y, steps, refresh_every=100):
 
     dense_tx = optax.adam(1e-3)
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def dense_step(params, state):
         grads = jax.grad(xent)(params)
         updates, state = dense_tx.update(grads, state, params)
@@ -60,7 +66,7 @@ def make_steps(model, params, x, y, steps, refresh_every=100):
 
     sparse_tx = optim.sparsify(optax.adam(1e-3), PATTERN, sr_ste=True, refresh_every=refresh_every)
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def sparse_step(params, state):
         masks = optim.get_masks(state)
         grads = jax.grad(lambda p: xent(optim.ste_apply(p, masks)))(params)
@@ -69,7 +75,7 @@ def make_steps(model, params, x, y, steps, refresh_every=100):
 
     def loop(step, state0):
         def run():
-            p, s = params, state0
+            p, s = jax.tree.map(jnp.copy, (params, state0))  # fresh buffers to donate
             for _ in range(steps):
                 p, s = step(p, s)
             return p, s
@@ -78,7 +84,24 @@ def make_steps(model, params, x, y, steps, refresh_every=100):
 
     dense_state = dense_tx.init(params)
     sparse_state = jax.jit(sparse_tx.init)(params)
-    return loop(dense_step, dense_state), loop(sparse_step, sparse_state), sparse_tx, sparse_step, sparse_state
+    return loop(dense_step, dense_state), loop(sparse_step, sparse_state)
+
+
+def interleaved(fns: dict, *, repeats: int, warmup: int = 1):
+    """Median wall and CPU seconds of each zero-argument function, runs interleaved."""
+    for f in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(f())
+    wall = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            jax.block_until_ready(f())
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    med = lambda d: {k: float(np.median(v)) for k, v in d.items()}
+    return med(wall), med(cpu)
 
 
 def main(argv=None):
@@ -87,22 +110,27 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args(argv)
     print(f"# train step, sparse (STE + SR-STE + refresh every 100) vs dense; {machine()}")
-    print(f"{'model':<36} {'dense ms':>9} {'sparse ms':>10} {'ratio':>7} {'overhead':>9} {'refresh ms':>11}")
+    print(
+        f"{'model':<36} {'dense ms':>9} {'sparse ms':>10} {'ratio':>6} {'overhead':>9}"
+        f" | {'cpu: dense ms':>13} {'sparse ms':>10} {'ratio':>6} {'overhead':>9} | {'refresh ms':>10}"
+    )
     for name, (model, k, batch) in MODELS.items():
         kx, ky, kp = jax.random.split(jax.random.key(0), 3)
         x = jax.random.normal(kx, (batch, k))
         y = jax.random.randint(ky, (batch,), 0, model.classes)
         params = model.init(kp, x[:1])["params"]
-        dense, sparse, tx, sparse_step, state0 = make_steps(model, params, x, y, args.steps)
-        t = interleaved({"dense": dense, "sparse": sparse}, repeats=args.repeats, warmup=1)
-        d, s = t["dense"] / args.steps, t["sparse"] / args.steps
-        # the cost of one refresh: a step that refreshes vs one that does not
-        _, always, _, _, _ = make_steps(model, params, x, y, 10, refresh_every=1)
-        _, never, _, _, _ = make_steps(model, params, x, y, 10, refresh_every=10**9)
-        r = interleaved({"always": always, "never": never}, repeats=args.repeats, warmup=1)
+        dense, sparse = make_steps(model, params, x, y, args.steps)
+        wall, cpu = interleaved({"dense": dense, "sparse": sparse}, repeats=args.repeats)
+        # the cost of one refresh: steps that always refresh vs steps that never do
+        _, always = make_steps(model, params, x, y, 10, refresh_every=1)
+        _, never = make_steps(model, params, x, y, 10, refresh_every=10**9)
+        r, _ = interleaved({"always": always, "never": never}, repeats=args.repeats)
         refresh = (r["always"] - r["never"]) / 10
-        print(f"{name:<36} {d * 1e3:>9.3f} {s * 1e3:>10.3f} {s / d:>7.3f} {100 * (s / d - 1):>8.1f}% {refresh * 1e3:>11.2f}")
-    block(params)
+        row = [name]
+        for t in (wall, cpu):
+            d, s = t["dense"] / args.steps, t["sparse"] / args.steps
+            row.append(f"{d * 1e3:>9.3f} {s * 1e3:>10.3f} {s / d:>6.3f} {100 * (s / d - 1):>8.1f}%")
+        print(f"{row[0]:<36} {row[1]} | {row[2]:>13} | {refresh * 1e3:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -430,11 +430,9 @@ def _own_params(module) -> dict:
     """The module's own parameters (not its children's), unboxed."""
     from flax.core import meta
 
-    try:
-        variables = module.variables
-    except Exception:  # unbound or no scope: nothing to intercept
+    if module.scope is None:  # unbound: nothing to intercept
         return {}
-    params = variables.get("params", {})
+    params = module.variables.get("params", {})
     out = {}
     for name, v in params.items():
         if isinstance(v, Mapping):

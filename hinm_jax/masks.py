@@ -41,6 +41,7 @@ __all__ = [
     "Summary",
     "matrix_mask",
     "mask_from_layout",
+    "named_leaves",
 ]
 
 
@@ -380,8 +381,21 @@ def prune(
 
 
 def _flat_with_path(tree):
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_mask_leaf)[0]
     return [(path_str(p), x) for p, x in leaves]
+
+
+def named_leaves(tree) -> dict:
+    """``{path: leaf}`` of a params or masks pytree (a :class:`Mask` or ``None`` counts as
+    one leaf), with the paths :func:`prune` uses.
+
+    Example:
+        >>> import jax.numpy as jnp, hinm_jax
+        >>> masks = hinm_jax.prune({"a": {"w": jnp.ones((8, 4))}}, "2:4")
+        >>> list(named_leaves(masks))
+        ['a/w']
+    """
+    return dict(_flat_with_path(tree))
 
 
 def apply_masks(params, masks):

@@ -580,17 +580,29 @@ def sparsify(
         count = optax.safe_int32_increment(state.count)
         new_masks = current
         if refresh_every is not None:
-
-            def fresh(params, updates, current, count):
-                new_params = optax.apply_updates(params, updates)  # only on refresh steps
-                return refresh(new_params, current, score=score, mode=refresh_mode, schedule=schedule, step=count)
-
-            new_masks = jax.lax.cond(
-                count % refresh_every == 0, fresh, lambda p, u, c, t: c, params, updates, current, count
+            # Refresh from the updated weights. ``params + updates`` is the same expression
+            # as the caller's ``optax.apply_updates``, so XLA computes it once; passing the
+            # result (not ``params``) into the cond also keeps donated buffers copy-free.
+            # The cond carries the masks flattened to 1-D: a 2-D result may get a
+            # transposed layout from the refresh branch, which would make every
+            # non-refresh step pay a transposing copy of all masks.
+            new_params = optax.apply_updates(params, updates)
+            flat = jax.lax.cond(
+                count % refresh_every == 0,
+                lambda p, c, t: _flat(refresh(p, c, score=score, mode=refresh_mode, schedule=schedule, step=t)),
+                lambda p, c, t: _flat(c),
+                new_params,
+                current,
+                count,
             )
+            new_masks = jax.tree.map(lambda a, b: a.reshape(b.shape), flat, current)
         return updates, SparsityState(count, new_masks, inner_state)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _flat(masks):
+    return jax.tree.map(lambda a: a.reshape(-1), masks)
 
 
 def _checked(path, mask, w):

@@ -1,5 +1,18 @@
 """Importance scores: arrays shaped like the weight, higher means more important.
 
+- :func:`magnitude`: ``|W|`` (the default of :func:`hinm_jax.prune`).
+- :func:`wanda`: ``|W|`` times the L2 norm of each input feature over calibration data
+  (Sun et al., "A Simple and Effective Pruning Approach for LLMs", 2023). The norms come
+  from :func:`input_norms`, which runs the unmodified model (linen or nnx) on calibration
+  batches and records the inputs of every ``Dense`` / ``DenseGeneral`` / ``Conv`` (for a
+  convolution, the norms of its patch features).
+- :func:`taylor`: first-order Taylor importance ``|W * dL/dW|`` (Molchanov et al., 2019),
+  averaged over batches.
+
+:func:`wanda` returns a function ``(path, leaf) -> score`` and :func:`taylor` a pytree
+like ``params``: both are accepted as ``score=`` by :func:`hinm_jax.prune` (and through it
+by the permutation search).
+
 Example:
     >>> import jax.numpy as jnp
     >>> magnitude(jnp.array([[-2.0, 1.0]])).tolist()
@@ -8,11 +21,304 @@ Example:
 
 from __future__ import annotations
 
-import jax.numpy as jnp
+from typing import Any, Callable, Iterable, Mapping
 
-__all__ = ["magnitude"]
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["magnitude", "input_norms", "wanda", "taylor"]
 
 
 def magnitude(w):
     """``|W|`` in float32, the default importance."""
     return jnp.abs(jnp.asarray(w)).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# Wanda: input norms captured by running the model
+# ---------------------------------------------------------------------------------------
+
+
+def _normalize(axes, ndim):
+    return tuple(a if a >= 0 else ndim + a for a in axes)
+
+
+def _tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _dense_sumsq(x, axis, path):
+    """Sum of squares of ``x`` over every axis but the contracted ones (in ``axis``
+    order): the input features of a dense layer."""
+    x = jnp.asarray(x, jnp.float32)
+    axis = _normalize(_tuple(axis), x.ndim)
+    n = len(axis)
+    xt = jnp.moveaxis(x, axis, tuple(range(x.ndim - n, x.ndim)))
+    return jnp.sum(jnp.square(xt), axis=tuple(range(x.ndim - n)))
+
+
+def _conv_sumsq(x, module):
+    """Sum of squares of each patch feature, in kernel order ``(*kernel_size, I)``."""
+    from hinm_jax.layers import ConvSpec, conv_patches
+
+    spec = ConvSpec.of(module)
+    spec_1 = ConvSpec(spec.kernel_size, spec.strides, spec.padding, spec.input_dilation, spec.kernel_dilation)
+    p = conv_patches(jnp.asarray(x, jnp.float32), spec_1)  # (..., I * P), input channel slowest
+    s = jnp.sum(jnp.square(p), axis=tuple(range(p.ndim - 1)))
+    i = x.shape[-1]
+    s = s.reshape((i,) + tuple(spec.kernel_size))
+    return jnp.moveaxis(s, 0, -1)  # (*kernel_size, I)
+
+
+def _grouped(norm, groups: int, out_features: int):
+    """Per-channel conv norms ``(*k, I)`` -> ``(*k, I/g, O)``: output ``o`` reads group
+    ``o // (O/g)``."""
+    *ks, i = norm.shape
+    n = norm.reshape(tuple(ks) + (groups, i // groups))
+    group_of = np.arange(out_features) // (out_features // groups)
+    return jnp.moveaxis(jnp.take(n, jnp.asarray(group_of), axis=-2), -2, -1)
+
+
+def _linen_kind(module):
+    import flax.linen as nn
+
+    if isinstance(module, nn.Dense):
+        return "dense"
+    if isinstance(module, nn.DenseGeneral):
+        return "dense_general"
+    if isinstance(module, nn.Conv):
+        return "conv"
+    return None
+
+
+def _module_sumsq(kind, module, x, path):
+    if kind == "dense":
+        return _dense_sumsq(x, (-1,), path)
+    if kind == "dense_general":
+        batch = getattr(module, "batch_dims", None) or getattr(module, "batch_axis", None)
+        if batch:
+            raise ValueError(f"{path}: DenseGeneral/LinearGeneral with batch axes: input norms are not captured")
+        return _dense_sumsq(x, module.axis, path)
+    return _conv_sumsq(x, module)
+
+
+def _finish(sums: Mapping[str, Any], modules: Mapping[str, Any]) -> dict[str, jax.Array]:
+    out = {}
+    for path, s in sums.items():
+        norm = jnp.sqrt(s)
+        mod = modules[path]
+        groups = getattr(mod, "feature_group_count", 1)
+        if groups != 1:
+            o = getattr(mod, "features", None) or getattr(mod, "out_features")
+            norm = _grouped(norm, groups, int(o))
+        out[path] = norm
+    return out
+
+
+def _linen_norms(model, batches, variables, call):
+    import flax.linen as nn
+
+    if variables is None:
+        raise ValueError(f"variables: {type(model).__name__} is a linen module: pass its variables ({{'params': ...}})")
+    modules = {}
+
+    def stats(variables, batch):
+        sums = {}
+
+        def record(next_fun, args, kwargs, context):
+            mod = context.module
+            kind = _linen_kind(mod) if context.method_name == "__call__" else None
+            if kind is not None and args:
+                mpath = "/".join(str(p) for p in mod.scope.path)
+                path = f"{mpath}/kernel" if mpath else "kernel"
+                s = _module_sumsq(kind, mod, args[0], path)
+                sums[path] = sums[path] + s if path in sums else s
+                modules[path] = mod
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            call(lambda *a, **kw: model.apply(variables, *a, **kw), batch)
+        return sums
+
+    run = jax.jit(stats)
+    total = None
+    for batch in batches:
+        s = run(variables, batch)
+        total = s if total is None else jax.tree.map(jnp.add, total, s)
+    if total is None:
+        raise ValueError("batches: no calibration batch given")
+    return _finish(total, modules)
+
+
+def _nnx_norms(model, batches, call):
+    from flax import nnx
+
+    from hinm_jax.select import replace_modules
+
+    class _InputSumSq(nnx.Variable):
+        pass
+
+    class _Probe(nnx.Module):
+        def __init__(self, inner, path, kind, shape):
+            self.inner = inner
+            self.path = path
+            self.kind = kind
+            self.sumsq = _InputSumSq(jnp.zeros(shape, jnp.float32))
+
+        def __call__(self, x, *args, **kwargs):
+            s = _module_sumsq(self.kind, self.inner, x, f"{self.path}/kernel")
+            self.sumsq.set_value(self.sumsq.get_value() + s)
+            return self.inner(x, *args, **kwargs)
+
+    def probe(path, mod):
+        if isinstance(mod, nnx.LinearGeneral):
+            return _Probe(mod, path, "dense_general", tuple(mod.in_features))
+        if isinstance(mod, nnx.Linear):
+            return _Probe(mod, path, "dense", (mod.in_features,))
+        if isinstance(mod, nnx.Conv):
+            return _Probe(mod, path, "conv", tuple(mod.kernel_size) + (mod.in_features,))
+        return None
+
+    probed = replace_modules(nnx.clone(model), probe)
+    step = nnx.jit(lambda m, batch: call(m, batch))
+    n = 0
+    for batch in batches:
+        step(probed, batch)
+        n += 1
+    if n == 0:
+        raise ValueError("batches: no calibration batch given")
+    sums, modules = {}, {}
+    for path, mod in nnx.iter_modules(probed):
+        if isinstance(mod, _Probe):
+            key = f"{mod.path}/kernel"
+            sums[key] = mod.sumsq.get_value()
+            modules[key] = mod.inner
+    return _finish(sums, modules)
+
+
+def _default_call(f, batch):
+    return f(batch)
+
+
+def input_norms(
+    model,
+    batches: Iterable,
+    variables=None,
+    *,
+    call: Callable[[Callable, Any], Any] | None = None,
+) -> dict[str, jax.Array]:
+    """The L2 norm of every input feature of every dense/conv layer over calibration
+    data, captured by running the unmodified model.
+
+    Args:
+      model: a linen module (with ``variables``) or an nnx module.
+      batches: calibration batches (an iterable).
+      variables: linen only, ``{"params": ..., ...}``.
+      call: ``call(f, batch)`` runs the model ``f`` (``model.apply`` bound to the
+        variables, or the nnx model) on one batch; default ``f(batch)``. Use it for
+        other signatures, e.g. ``lambda f, b: f(b["image"], train=False)``.
+
+    Returns:
+      ``{kernel path: norms}``, norms shaped like the kernel's input axes: ``(K,)`` for
+      ``Dense``; the contracted axes for ``DenseGeneral`` (``(H, D)`` for an attention
+      output projection); ``(*kernel_size, I)`` for ``Conv`` (the norms of the patch
+      features, padding included; a grouped conv gets the full ``(*kernel_size, I/g,
+      O)``). A layer called several times accumulates all its calls.
+
+    Example:
+        >>> import flax.linen as nn
+        >>> model = nn.Dense(4)
+        >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+        >>> input_norms(model, [jnp.array([[3.0, 0.0, 1.0]]), jnp.array([[4.0, 0.0, 0.0]])], variables)
+        {'kernel': Array([5., 0., 1.], dtype=float32)}
+    """
+    import flax.linen as nn
+    from flax import nnx
+
+    call = call or _default_call
+    if isinstance(model, nn.Module):
+        return _linen_norms(model, batches, variables, call)
+    if isinstance(model, nnx.Module):
+        return _nnx_norms(model, batches, call)
+    raise ValueError(f"model: expected a flax linen or nnx Module, got {type(model).__name__}")
+
+
+def wanda(norms: Mapping[str, Any], *, fallback: Callable | None = None) -> Callable[[str, Any], jax.Array]:
+    """The Wanda score ``|W| * ||X_k||`` as a ``score=`` function for :func:`hinm_jax.prune`.
+
+    Args:
+      norms: from :func:`input_norms` (``{kernel path: input-feature norms}``).
+      fallback: score for pruned leaves without captured norms (e.g.
+        :func:`magnitude`); by default such a leaf raises, naming its path.
+
+    Returns:
+      ``score(path, leaf)``: ``|leaf|`` times the norms broadcast over the output axes
+      (a kernel folded with :func:`hinm_jax.layers.fold_features` works too).
+
+    Example:
+        >>> import hinm_jax
+        >>> params = {"kernel": jnp.ones((8, 4))}
+        >>> norms = {"kernel": jnp.arange(8.0)}
+        >>> masks = hinm_jax.prune(params, "2:4", score=wanda(norms))
+        >>> masks["kernel"].mask[:, 0].tolist()
+        [False, False, True, True, False, False, True, True]
+    """
+    norms = dict(norms)
+
+    def score(path: str, leaf):
+        if path not in norms:
+            if fallback is not None:
+                return fallback(leaf)
+            raise ValueError(
+                f"{path}: shape={tuple(leaf.shape)}: no input norms were captured for this leaf "
+                f"(captured: {sorted(norms)[:4]}{'...' if len(norms) > 4 else ''}); pass fallback= "
+                "or exclude it with where="
+            )
+        n = jnp.asarray(norms[path], jnp.float32)
+        shape = tuple(leaf.shape)
+        if n.shape == shape:
+            return magnitude(leaf) * n
+        if n.ndim >= len(shape) or tuple(shape[: n.ndim]) != tuple(n.shape):
+            raise ValueError(f"{path}: shape={shape} does not start with its input norms' shape {tuple(n.shape)}")
+        return magnitude(leaf) * n.reshape(n.shape + (1,) * (len(shape) - n.ndim))
+
+    return score
+
+
+# ---------------------------------------------------------------------------------------
+# First-order Taylor
+# ---------------------------------------------------------------------------------------
+
+
+def taylor(loss_fn: Callable[[Any, Any], jax.Array], params, batches: Iterable):
+    """First-order Taylor importance ``mean over batches of |W * dL/dW|``.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      params: a pytree of floating arrays (linen params, nnx ``State``).
+      batches: an iterable of batches.
+
+    Returns:
+      A float32 pytree like ``params``, usable as ``score=`` in :func:`hinm_jax.prune`.
+
+    Example:
+        >>> params = {"w": jnp.array([[1.0, -2.0]])}
+        >>> loss = lambda p, x: jnp.sum(x @ p["w"])
+        >>> taylor(loss, params, [jnp.array([[3.0]])])["w"].tolist()
+        [[3.0, 6.0]]
+    """
+
+    @jax.jit
+    def step(acc, params, batch):
+        grads = jax.grad(loss_fn)(params, batch)
+        return jax.tree.map(lambda a, w, g: a + jnp.abs(jnp.asarray(w, jnp.float32) * jnp.asarray(g, jnp.float32)), acc, params, grads)
+
+    acc = jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), jnp.float32), params)
+    n = 0
+    for batch in batches:
+        acc = step(acc, params, batch)
+        n += 1
+    if n == 0:
+        raise ValueError("batches: no batch given")
+    return jax.tree.map(lambda a: a / n, acc)

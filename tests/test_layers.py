@@ -124,7 +124,8 @@ def test_linen_matches_masked_dense(name, model, shape):
     n_sparse = sum(isinstance(l, hinm_jax.SparseWeight) for l in jax.tree.leaves(
         sparse, is_leaf=lambda v: isinstance(v, hinm_jax.SparseWeight)))
     assert n_sparse == {"mlp": 3, "cnn": 5, "block": 6}[name]
-    ref = jax.jit(lambda p, x: model.apply({"params": p}, x))(masked, x)
+    dense_fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    ref = dense_fn(masked, x)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with layers.sparse_inference():
@@ -136,7 +137,7 @@ def test_linen_matches_masked_dense(name, model, shape):
     else:
         assert not fallbacks
     # The masks do change the model: a sparse run is not the dense model.
-    dense = model.apply({"params": params}, x)
+    dense = dense_fn(params, x)
     assert not np.allclose(np.asarray(y), np.asarray(dense), rtol=1e-3)
 
 
@@ -270,6 +271,22 @@ def test_conv_property(k, stride, dil, pad, size):
     assert_close(y, ref)
 
 
+def test_conv_with_backend_packed_kernel_reorders_patches():
+    """A kernel already packed for a backend keeps kernel order; the patches are
+    transposed to (kh, kw, I) instead of renumbering the weight."""
+    import dataclasses
+
+    kernel, sw = _conv_case((3, 3), 8, 32)
+    packed = dataclasses.replace(sw, packed={}, packed_for="pallas")  # the xla path ignores it
+    spec = ConvSpec((3, 3), (2, 2), "SAME", (1, 1), (1, 1))
+    x = normal(seed=4, shape=(2, 9, 9, 8))
+    ref = nn.Conv(32, (3, 3), strides=2, use_bias=False).apply({"params": {"kernel": kernel}}, x)
+    y = jax.jit(lambda x, w: layers.conv(x, w, spec=spec, implementation="xla"))(x, packed)
+    assert_close(y, ref)
+    with pytest.raises(ValueError, match=r"^c/kernel: .*packed for 'pallas'"):
+        layers.patch_order(packed, "c/kernel")
+
+
 def test_grouped_conv_falls_back_dense_with_warning():
     module = nn.Conv(32, (3, 3), feature_group_count=4)
     x = normal(seed=1, shape=(1, 6, 6, 16))
@@ -358,11 +375,12 @@ def test_nnx_matches_masked_dense(name, cls, shape):
         assert len(fallbacks) == 1 and fallbacks[0].startswith("dw/kernel")
     else:
         assert not fallbacks
-    y = nnx.jit(lambda m, x: m(x))(sparse, x)
-    assert_close(y, nnx.jit(lambda m, x: m(x))(ref_model, x))
+    run = nnx.jit(lambda m, x: m(x))
+    y = run(sparse, x)
+    assert_close(y, run(ref_model, x))
     # the original model is untouched
     assert isinstance(model.head if name != "block" else model.up, nnx.Linear)
-    assert not np.allclose(np.asarray(model(x)), np.asarray(y), rtol=1e-3)
+    assert not np.allclose(np.asarray(run(model, x)), np.asarray(y), rtol=1e-3)
 
 
 def test_nnx_sparse_state_is_compressed():
@@ -371,7 +389,8 @@ def test_nnx_sparse_state_is_compressed():
     sparse = layers.to_inference(model, masks)
     kernels = jax.tree.leaves(nnx.state(sparse, layers.SparseParam), is_leaf=lambda v: isinstance(v, hinm_jax.SparseWeight))
     assert len(kernels) == 3 and all(isinstance(k, hinm_jax.SparseWeight) for k in kernels)
-    assert not jax.tree.leaves(nnx.state(sparse, nnx.Param).filter(lambda p, v: p[-1] == "kernel"))
+    params = jax.tree_util.tree_flatten_with_path(nnx.state(sparse, nnx.Param))[0]
+    assert not [p for p, _ in params if "kernel" in hinm_jax._tree.path_str(p)]
 
 
 def test_nnx_mask_tree_mismatch_names_path():
