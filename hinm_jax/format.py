@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from typing import Any
 
@@ -183,8 +184,10 @@ class SparseWeight:
         )
 
 
+@functools.partial(jax.jit, static_argnames=("n", "m"))
 def _compress_matrix(w, mask, row_perm, vector_index, n, m):
-    """One matrix -> (values, metadata); raises if ``mask`` breaks the layout."""
+    """One matrix -> (values, metadata, kept per stripe, kept outside the vector index);
+    the last two let the caller check that ``mask`` follows the layout."""
     g_w = _structure.gather_packed(w, row_perm, vector_index)
     g_m = _structure.gather_packed(mask, row_perm, vector_index)
     o, kv = g_w.shape

@@ -204,6 +204,8 @@ def _default_skip(path: str, leaf) -> str | None:
         return f"dtype {leaf.dtype} is not floating point"
     if leaf.ndim < 2:
         return f"{leaf.ndim}-d (bias, norm or scalar)"
+    if path.rsplit("/", 1)[-1] == "bias":
+        return "bias"
     if _EMBEDDING.search(path):
         return "embedding table"
     return None

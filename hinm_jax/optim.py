@@ -194,17 +194,20 @@ def _rank(score):
     return ranks.reshape(score.shape), order
 
 
-def _block_scores(score, row_perm, vector_size):
-    k, o = score.shape
-    return score.T[row_perm].reshape(o // vector_size, vector_size, k).sum(axis=1)
+def _nm_blocks(g, n, m):
+    """The N:M choice on blocked scores ``(nb, L, V)`` (``L`` a multiple of ``m``),
+    ``n`` possibly traced: a bool ``(nb, L, V)``."""
+    nb, length, v = g.shape
+    keep = _stripe_keep(jnp.moveaxis(g.reshape(nb, length // m, m, v), 2, 3), n)  # (nb, J, V, m)
+    return jnp.moveaxis(keep, 3, 2).reshape(g.shape)
 
 
 def _nm_in_layout(score, row_perm, vector_index, n, m):
-    """The N:M step in a fixed layout with ``n`` possibly traced."""
-    g = _structure.gather_packed(score, row_perm, vector_index)
-    o, kv = g.shape
-    keep = _stripe_keep(g.reshape(o, kv // m, m), n).reshape(o, kv)
-    return _structure.scatter_packed(keep, row_perm, vector_index, score.shape[0])
+    """The N:M step in a fixed layout with ``n`` possibly traced (a bool ``(K, O)``)."""
+    nb = vector_index.shape[0]
+    k = score.shape[0]
+    g = _structure.gather_blocks(_structure.to_blocks(score, row_perm, nb), vector_index)  # (nb, K_v, V)
+    return _structure.from_blocks(_structure.scatter_blocks(_nm_blocks(g, n, m), vector_index, k), row_perm)
 
 
 def _block_mask_at(score, row_perm, vector_size, kept_inputs, n, m, kv_t, n_t):
@@ -218,16 +221,17 @@ def _block_mask_at(score, row_perm, vector_size, kept_inputs, n, m, kv_t, n_t):
     With ``kv_t == kept_inputs`` and ``n_t == n`` the mask equals :func:`matrix_mask`.
     """
     k, o = score.shape
-    rank, order = _rank(_block_scores(score, row_perm, vector_size))  # (nb, K)
-    kept = rank < kv_t
+    nb = o // vector_size
+    sb = _structure.to_blocks(score, row_perm, nb)  # (K, nb, V)
+    rank, order = _rank(sb.sum(axis=2).T)  # (nb, K)
     idx = jnp.arange(k, dtype=jnp.int32)
-    walk = jnp.argsort(jnp.where(kept, idx, idx + k), axis=-1).astype(jnp.int32)  # kept first, ascending
-    g = _structure.gather_packed(score, row_perm, walk)  # (O, K) in walk order
-    valid = idx < kv_t
+    walk = jnp.argsort(jnp.where(rank < kv_t, idx, idx + k), axis=-1).astype(jnp.int32)  # kept first, ascending
+    valid = (idx < kv_t)[None, :, None]
+    g = jnp.where(valid, _structure.gather_blocks(sb, walk), -jnp.inf)  # (nb, K, V) in walk order
     kp = -(-k // m) * m
-    g = jnp.pad(jnp.where(valid, g, -jnp.inf), ((0, 0), (0, kp - k)), constant_values=-jnp.inf)
-    keep = _stripe_keep(g.reshape(o, kp // m, m), n_t).reshape(o, kp)[:, :k] & valid
-    mask = _structure.scatter_packed(keep, row_perm, walk, k)
+    g = jnp.pad(g, ((0, 0), (0, kp - k), (0, 0)), constant_values=-jnp.inf)
+    keep = _nm_blocks(g, n_t, m)[:, :k] & valid
+    mask = _structure.from_blocks(_structure.scatter_blocks(keep, walk, k), row_perm)
     vector_index = jnp.sort(order[:, :kept_inputs], axis=-1).astype(jnp.int32)
     return mask, vector_index
 
@@ -602,7 +606,8 @@ def sparsify(
 
 
 def _flat(masks):
-    return jax.tree.map(lambda a: a.reshape(-1), masks)
+    # (explicitly sharded arrays keep their shape: their flattening has no sharding)
+    return jax.tree.map(lambda a: a if _explicit_sharding(a) is not None else a.reshape(-1), masks)
 
 
 def _checked(path, mask, w):
