@@ -9,12 +9,13 @@ Example:
 """
 
 from hinm_jax import _serialization  # noqa: F401  (registers flax serialization)
-from hinm_jax import checkpoint, interop, layers, optim, scores, select
+from hinm_jax import checkpoint, interop, layers, optim, permute, scores, select
 from hinm_jax.format import SparseWeight, compress, pack_for
 from hinm_jax.layers import sparse_inference, to_inference
 from hinm_jax.masks import Layout, Mask, Summary, apply_masks, named_leaves, prune, summary
 from hinm_jax.ops import available_implementations, sparse_matmul
 from hinm_jax.optim import ste_apply
+from hinm_jax.permute import efficacy
 from hinm_jax.patterns import HSS, NM, HiNM, Pattern, Unstructured, VectorWise, parse_pattern
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "Summary",
     "named_leaves",
     "ste_apply",
+    "efficacy",
     "sparse_inference",
     "to_inference",
     "Mask",

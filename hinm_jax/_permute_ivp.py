@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from hinm_jax._permute_ocp import topn_sum
+
 __all__ = ["group_size", "improve"]
 
 _EPS = 1e-6
@@ -43,6 +45,23 @@ def group_size(j: int, cap: int) -> int:
         return j
     g = max(d for d in range(1, cap + 1) if j % d == 0)
     return g if g >= 8 else j
+
+
+def _rest_stats(rest, n: int):
+    """For the ``m - 1`` values ``rest`` (a list of equal arrays): the sum of their top
+    ``n`` and their ``n``-th largest (the bar a new value must pass to be kept)."""
+    if n == 1:
+        hi = functools.reduce(jnp.maximum, rest)
+        return hi, hi
+    if n == len(rest):
+        return sum(rest), functools.reduce(jnp.minimum, rest)
+    if n == 2 and len(rest) == 3:
+        a, b, c = rest
+        lo, hi = jnp.minimum(jnp.minimum(a, b), c), jnp.maximum(jnp.maximum(a, b), c)
+        total = a + b + c
+        return total - lo, total - lo - hi
+    srt = -jnp.sort(-jnp.stack(rest, axis=0), axis=0)
+    return jnp.sum(srt[:n], axis=0), srt[n - 1]
 
 
 @functools.partial(jax.jit, static_argnames=("n",))
@@ -61,25 +80,21 @@ def _gains(x, cols, pos, items, *, n: int):
     take = jax.vmap(lambda xb, c: xb[c])
     vals = take(x, cols)  # (Bk, ng, G, m, V)
     m = vals.shape[3]
-    srt = -jnp.sort(-vals, axis=3)  # descending along the stripe
-    top = jnp.sum(srt[:, :, :, :n], axis=3)  # (Bk, ng, G, V)
-    nth = srt[:, :, :, n - 1]  # n-th largest
-    nxt = srt[:, :, :, n]  # (n+1)-th largest
-    here = jnp.take_along_axis(vals, pos[..., None, None], axis=3)[:, :, :, 0]  # (Bk, ng, G, V)
-    idx = jnp.arange(m)
-    beats = (vals > here[:, :, :, None]) | ((vals == here[:, :, :, None]) & (idx[:, None] < pos[..., None, None]))
-    in_top = jnp.sum(beats, axis=3) < n  # the picked value is one of the n kept
-    rest_top = jnp.where(in_top, top - here + nxt, top)  # top-n of the other m-1
-    thresh = jnp.where(in_top, nxt, nth)  # n-th largest of the other m-1
-    base = jnp.sum(rest_top - top, axis=-1)  # (Bk, ng, G)
+    p = pos[..., None]
+    # The stripe without its picked position: m - 1 values, by selects (no gather).
+    rest = [jnp.where(p <= i, vals[:, :, :, i + 1], vals[:, :, :, i]) for i in range(m - 1)]
+    rest_top, thresh = _rest_stats(rest, n)  # (Bk, ng, G, V)
+    now = topn_sum(vals, n, axis=3)
+    base = jnp.sum(rest_top - now, axis=-1)  # (Bk, ng, G)
     xi = take(x, items)  # (Bk, ng, G+u, V)
     add = jnp.sum(jnp.maximum(xi[:, :, None, :, :] - thresh[:, :, :, None, :], 0.0), axis=-1)
     return base[..., None] + add
 
 
-def _one_round(x, cols, pool, rngs, g, u, n):
+def _one_round(x, cols, pool, rngs, active, g, u, n):
     """One cyclic-exchange round over ``Bk`` blocks; ``rngs[i]`` draws block ``i``'s
-    random choices. Returns new ``cols``, ``pool`` and the total gain."""
+    random choices; only ``active`` blocks move. Returns new ``cols``, ``pool`` and the
+    gain of each block."""
     bk, j, m = cols.shape
     ng = j // g
     p = pool.shape[1]
@@ -98,18 +113,27 @@ def _one_round(x, cols, pool, rngs, g, u, n):
     d = np.asarray(_gains(x, gcols, gpick, items, n=n))
     # Item i lands in slot choice[i]: slots 0..g-1 are the picked positions, g.. unused.
     choice = np.broadcast_to(np.arange(g + u), (bk, ng, g + u)).copy()
-    gain = 0.0
-    worth = (d > _EPS).any(axis=(2, 3))  # a positive cycle needs a positive edge
+    gain = np.zeros(bk)
+    worth = (d > _EPS).any(axis=(2, 3)) & active[:, None]  # a positive cycle needs a positive edge
     for b, q in zip(*np.nonzero(worth)):
-        # Items x picked positions; the u items left over go to the unused slots.
-        cost = d[b, q].T.astype(np.float64)
-        rows, slots = linear_sum_assignment(cost, maximize=True)
-        total = cost[rows, slots].sum()
+        dq = d[b, q]
+        up = dq > _EPS
+        # Keep the positions (with their occupants) and unused indices that touch an
+        # improving move; the rest stay put. The problem is items x positions; items
+        # left over go to the unused slots.
+        slots = np.nonzero(up.any(axis=1) | up[:, :g].any(axis=0))[0]
+        extra_items = g + np.nonzero(up[:, g:].any(axis=0))[0]
+        items_kept = np.concatenate([slots, extra_items])
+        cost = dq[np.ix_(slots, items_kept)].T.astype(np.float64)
+        rows, to = linear_sum_assignment(cost, maximize=True)
+        total = cost[rows, to].sum()
         if total > _EPS:
-            left = np.setdiff1d(np.arange(g + u), rows, assume_unique=True)
-            choice[b, q, rows] = slots
-            choice[b, q, left] = np.arange(g, g + u)
-            gain += total
+            moved = items_kept[rows]
+            choice[b, q, moved] = slots[to]
+            vacated = moved[moved >= g]  # unused indices taken into stripes
+            displaced = np.setdiff1d(slots, moved, assume_unique=True)  # occupants pushed out
+            choice[b, q, displaced] = vacated
+            gain[b] += total
     placed = np.empty_like(items)
     np.put_along_axis(placed, choice, items, axis=2)  # placed[slot] = item
     np.put_along_axis(gcols, gpick[..., None], placed[..., :g, None], axis=3)
@@ -120,7 +144,7 @@ def _one_round(x, cols, pool, rngs, g, u, n):
     return cols, pool, gain
 
 
-def improve(x, cols, pool, rngs, *, n: int, rounds: int, group: int = 64, patience: int = 8, deadline=None):
+def improve(x, cols, pool, rngs, *, n: int, rounds: int, group: int = 64, unused: int = 64, patience: int = 8, deadline=None):
     """Cyclic-exchange rounds on a batch of blocks.
 
     Args:
@@ -131,7 +155,8 @@ def improve(x, cols, pool, rngs, *, n: int, rounds: int, group: int = 64, patien
       n: values kept per stripe.
       rounds: number of rounds.
       group: most stripes per assignment problem.
-      patience: stop after this many rounds in a row without gain.
+      unused: most unused indices offered to one assignment problem.
+      patience: a block stops after this many rounds in a row without gain.
       deadline: ``time.perf_counter()`` value after which no new round starts.
 
     Returns:
@@ -143,16 +168,15 @@ def improve(x, cols, pool, rngs, *, n: int, rounds: int, group: int = 64, patien
     cols = np.asarray(cols, np.int32)
     pool = np.asarray(pool, np.int32)
     g = group_size(j, group)
-    u = min(g, pool.shape[1] // (j // g))
-    idle = 0
+    u = min(unused, pool.shape[1] // (j // g))
+    idle = np.zeros(bk, np.int64)  # rounds in a row without gain, per block
     if n < m:
         for _ in range(rounds):
-            if deadline is not None and time.perf_counter() > deadline:
+            active = idle < patience
+            if not active.any() or (deadline is not None and time.perf_counter() > deadline):
                 break
-            cols, pool, gain = _one_round(x, cols, pool, rngs, g, u, n)
-            idle = 0 if gain > _EPS else idle + 1
-            if idle >= patience:
-                break
+            cols, pool, gain = _one_round(x, cols, pool, rngs, active, g, u, n)
+            idle = np.where(gain > _EPS, 0, idle + 1)
     cols = np.sort(cols, axis=2)
     order = np.argsort(cols[:, :, 0], axis=1, kind="stable")
     return np.take_along_axis(cols, order[:, :, None], axis=1), np.sort(pool, axis=1)

@@ -32,7 +32,7 @@ from scipy.optimize import linear_sum_assignment
 __all__ = ["topn_sum", "proxy_layout", "channel_values", "assign", "search"]
 
 _EPS = 1e-6
-_CHUNK = 1 << 24  # elements per block chunk in channel_values
+_CHUNK = 1 << 20  # elements per chunk of blocks in channel_values (cache-sized)
 
 
 def topn_sum(x, n: int, axis: int):
@@ -108,6 +108,12 @@ def channel_values(s, vidx, *, n: int, m: int):
     return jax.vmap(per_matrix)(s, vidx)
 
 
+@functools.partial(jax.jit, static_argnames=("v", "kv", "n", "m", "order"))
+def _proxy_values(s, perm, *, v, kv, n, m, order):
+    """``Q`` (``(B, O, nb)``) of every channel against every block's proxy layout."""
+    return channel_values(s, proxy_layout(s, perm, v=v, kv=kv, m=m, order=order), n=n, m=m)
+
+
 def _subset_size(v: int, nb: int, cap: int) -> int:
     """Members per block in one assignment subproblem: a divisor of ``v`` with
     ``nb * s <= cap`` (at least 1)."""
@@ -152,8 +158,46 @@ def _value(q, perm, v):
     return float(q[perm, np.repeat(np.arange(nb), v)].sum())
 
 
-def search(s, perms, rngs, *, v, kv, n, m, order, cycles, descent, perturb, deadline=None):
-    """Iterated local search over output-channel permutations of a batch of matrices.
+def _descend(s, p, rngs, *, v, kv, n, m, order, steps, subset):
+    """Alternates assignment and layout on a batch until the assignment stops moving
+    channels (or ``steps`` alternations); returns the best permutations seen and their
+    values (proxy), never worse than the start."""
+    bsz = s.shape[0]
+
+    def values(p):
+        return np.asarray(_proxy_values(s, jnp.asarray(p, jnp.int32), v=v, kv=kv, n=n, m=m, order=order))
+
+    q = values(p)
+    val = np.array([_value(q[i], p[i], v) for i in range(bsz)])
+    best, best_val = p.copy(), val.copy()
+    active = np.ones(bsz, bool)
+    for _ in range(steps):
+        new = p.copy()
+        for i in np.nonzero(active)[0]:
+            new[i] = assign(q[i], p[i], v, rngs[i], cap=subset)
+            # A move pays under the current layouts, or the descent has ended.
+            active[i] = _value(q[i], new[i], v) > val[i] + _EPS * abs(val[i])
+        if not active.any():
+            break
+        p = np.where(active[:, None], new, p)
+        q = values(p)
+        val = np.array([_value(q[i], p[i], v) for i in range(bsz)])
+        better = active & (val > best_val + _EPS * np.abs(best_val))
+        best = np.where(better[:, None], p, best)
+        best_val = np.where(better, val, best_val)
+    return best, best_val
+
+
+def search(s, perms, rngs, *, v, kv, n, m, order, cycles, descent, perturb, subset=512, group=4, deadline=None):
+    """Output-channel search on a batch of matrices: a descent from ``perms``, then
+    ``cycles`` rounds of large-neighbourhood search.
+
+    A cycle cuts each matrix's blocks at random into groups of ``group`` blocks; in
+    every group it swaps a fraction ``perturb`` of the channels between the group's
+    blocks at random and descends on the group alone (a ``(K, group * V)`` problem; all
+    groups of all matrices form one batch), keeping the group's new channels where the
+    group's value went up. Block values are additive, so every kept group raises the
+    matrix's value; the random grouping lets channels travel across the matrix.
 
     Args:
       s: ``(B, K, O)`` float32 scores (jax array).
@@ -161,9 +205,11 @@ def search(s, perms, rngs, *, v, kv, n, m, order, cycles, descent, perturb, dead
       rngs: one ``numpy.random.Generator`` per matrix.
       v, kv, n, m: the block structure.
       order: proxy layout, ``"ascending"`` or ``"snake"``.
-      cycles: perturbation cycles after the first descent.
+      cycles: large-neighbourhood cycles after the first descent.
       descent: most assignment/layout alternations per descent.
-      perturb: fraction of the channels moved by a perturbation.
+      perturb: fraction of a group's channels moved by its perturbation.
+      subset: largest assignment problem (see :func:`assign`).
+      group: blocks per group (all blocks when there are fewer).
       deadline: ``time.perf_counter()`` value after which no new cycle starts.
 
     Returns:
@@ -171,50 +217,43 @@ def search(s, perms, rngs, *, v, kv, n, m, order, cycles, descent, perturb, dead
     """
     bsz, k, o = s.shape
     nb = o // v
-
-    def values(p):
-        lay = proxy_layout(s, jnp.asarray(p, jnp.int32), v=v, kv=kv, m=m, order=order)
-        return np.asarray(channel_values(s, lay, n=n, m=m))
-
-    def descend(p):
-        """Alternate assignment and layout until the assignment stops moving channels
-        (or ``descent`` steps); returns the best permutation seen and its value."""
-        q = values(p)
-        val = np.array([_value(q[i], p[i], v) for i in range(bsz)])
-        best, best_val = p.copy(), val.copy()
-        active = np.ones(bsz, bool)
-        for _ in range(descent):
-            new = p.copy()
-            for i in np.nonzero(active)[0]:
-                new[i] = assign(q[i], p[i], v, rngs[i])
-                # A move pays under the current layouts, or the descent has ended.
-                active[i] = _value(q[i], new[i], v) > val[i] + _EPS * abs(val[i])
-            if not active.any():
-                break
-            p = np.where(active[:, None], new, p)
-            q = values(p)
-            val = np.array([_value(q[i], p[i], v) for i in range(bsz)])
-            better = active & (val > best_val + _EPS * np.abs(best_val))
-            best = np.where(better[:, None], p, best)
-            best_val = np.where(better, val, best_val)
-        return best, best_val
-
+    opts = dict(v=v, kv=kv, n=n, m=m, order=order, steps=descent, subset=subset)
     perms = np.asarray(perms, np.int32).copy()
     if nb < 2:
         return perms
-    best, best_val = descend(perms)
-    swaps = max(1, int(round(perturb * o / 2)))
+    best, _ = _descend(s, perms, rngs, **opts)
+    gs = min(group, nb)
+    ng = nb // gs
+    width = gs * v
+    swaps = max(1, int(round(perturb * width / 2)))
     for _ in range(cycles):
         if deadline is not None and time.perf_counter() > deadline:
             break
-        trial = best.copy()
+        chans = np.empty((bsz, ng, width), np.int32)
+        trial = np.tile(np.arange(width, dtype=np.int32), (bsz, ng, 1))
         for i in range(bsz):
-            a = rngs[i].choice(o, swaps, replace=False)
-            b = rngs[i].choice(o, swaps, replace=False)
-            for x, y in zip(a, b):
-                trial[i, x], trial[i, y] = trial[i, y], trial[i, x]
-        trial, val = descend(trial)
-        better = val > best_val + _EPS * np.abs(best_val)
-        best = np.where(better[:, None], trial, best)
-        best_val = np.where(better, val, best_val)
+            blocks = rngs[i].permutation(nb)[: ng * gs].reshape(ng, gs)
+            chans[i] = best[i].reshape(nb, v)[blocks].reshape(ng, width)
+            for t in range(ng):
+                a = rngs[i].choice(width, swaps, replace=False)
+                b = rngs[i].choice(width, swaps, replace=False)
+                for x, y in zip(a, b):
+                    trial[i, t, x], trial[i, t, y] = trial[i, t, y], trial[i, t, x]
+        sub = jnp.take_along_axis(s[:, None], jnp.asarray(chans)[:, :, None, :], axis=3)
+        sub = sub.reshape(bsz * ng, k, width)
+        ident = np.tile(np.arange(width, dtype=np.int32), (bsz * ng, 1))
+        q0 = np.asarray(_proxy_values(sub, jnp.asarray(ident), v=v, kv=kv, n=n, m=m, order=order))
+        before = np.array([_value(q0[g], ident[g], v) for g in range(bsz * ng)])
+        sub_rngs = [rngs[g // ng] for g in range(bsz * ng)]
+        after_p, after = _descend(sub, trial.reshape(bsz * ng, width), sub_rngs, **opts)
+        flat = chans.reshape(bsz * ng, width)
+        keep = after > before + _EPS * np.abs(before)
+        flat = np.where(keep[:, None], np.take_along_axis(flat, after_p, axis=1), flat)
+        for i in range(bsz):
+            rest = best[i].reshape(nb, v)
+            blocks_kept = flat[i * ng : (i + 1) * ng].reshape(ng * gs, v)
+            used = np.zeros(o, bool)
+            used[blocks_kept.reshape(-1)] = True
+            others = rest[~used[rest].any(axis=1)]  # blocks left out of every group
+            best[i] = np.concatenate([blocks_kept.reshape(-1), others.reshape(-1)])
     return best

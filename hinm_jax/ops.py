@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from hinm_jax import _structure
+from hinm_jax import _xla
 from hinm_jax.format import SparseWeight, backend_module
 
 __all__ = ["sparse_matmul", "reference_matmul", "available_implementations", "IMPLEMENTATIONS"]
@@ -52,56 +52,34 @@ def available_implementations() -> tuple[str, ...]:
     return tuple(out) + ("xla",)
 
 
-def _out_dtype(x, w):
-    return jnp.result_type(x.dtype, w.dtype)
-
-
-def _dot(a, b, dims):
-    return jax.lax.dot_general(
-        a, b, dims, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32
-    )
-
-
 def _gather_path(x, w: SparseWeight):
-    """Gathers each block's kept input rows and multiplies by its expanded tile:
-    ``T * O * K_v`` multiply-adds instead of ``T * O * K``."""
-    vi = w.vector_index
-    nb, kv = vi.shape
-    o = w.row_perm.shape[0]
-    xg = x.T[vi]  # (nb, K_v, T): activations gather better laid out (K, T)
-    tiles = w.packed_tiles().reshape(nb, o // nb, kv)
-    y = _dot(xg, tiles, (((1,), (2,)), ((0,), (0,))))  # (nb, T, V)
-    return y.transpose(1, 0, 2).reshape(-1, o)  # (T, O)
+    """Expanded tiles times gathered activations: ``(T, K)`` -> ``(T, O)``, columns in
+    packed order (see :mod:`hinm_jax._xla`)."""
+    return _xla.gather_path(x, w)
 
 
 def _dense_path(x, w: SparseWeight):
-    """Expands the weight to a dense ``(K, O)`` matrix, columns in packed order, and
-    runs one dense product."""
-    k, o = w.matrix_shape
-    nb = w.vector_index.shape[0]
-    tiles = _structure.rows_to_blocks(w.packed_tiles(), nb)  # (nb, K_v, V)
-    dense = _structure.scatter_blocks(tiles, w.vector_index, k).reshape(k, o)
-    return _dot(x, dense, (((1,), (0,)), ((), ())))  # (T, O)
+    """The densified weight in one dense dot: ``(T, K)`` -> ``(T, O)``, columns in packed
+    order."""
+    return _xla.dense_path(x, w)
 
 
-def _use_gather(t: int, k: int, w: SparseWeight) -> bool:
-    """Per-shape choice between the two reference paths (measured on a 2-core CPU,
-    ``benchmarks/spmm_cpu.py``): the gather pays when few blocks share the activations."""
-    _, o = w.matrix_shape
-    nb, kv = w.vector_index.shape
-    gathered = nb * kv  # activation rows materialised per token
-    return gathered <= 4 * k or t <= 16
+def _select_path(x, w: SparseWeight):
+    """Per token, each kept value times its selected activation: ``(T, K)`` -> ``(T, O)``,
+    columns in packed order."""
+    return _xla.select_path(x, w)
 
 
 def reference_matmul(x, w: SparseWeight):
     """The pure-jnp reference: ``x @ w.densify()`` for ``x`` of shape ``(T, K)``.
 
-    fp32 is exact to rounding; fp16/bf16 accumulate in fp32. Differentiable in ``x``.
+    It never builds the dense weight (except for tiny ones): it picks per shape between
+    reading the compressed values once per token (one token) and expanding them chunk by
+    chunk into tiles that multiply gathered activations (several tokens); see
+    :func:`hinm_jax._xla.strategy`. fp32 is exact to rounding; fp16/bf16 accumulate in
+    fp32. Differentiable in ``x``; works under ``jax.jit``.
     """
-    t, k = x.shape
-    path = _gather_path if _use_gather(t, k, w) else _dense_path
-    y = path(x, w)  # (T, O), columns in packed order
-    return y[:, _structure.inverse_permutation(w.row_perm)].astype(_out_dtype(x, w))
+    return _xla.matmul(x, w)
 
 
 def _check(x, w) -> None:

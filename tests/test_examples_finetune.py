@@ -29,3 +29,5 @@ def test_finetune_classifier_fast(tmp_path):
     assert run["density"] == 0.25
     assert run["finetuned"] >= run["pruned"] - 5.0  # fine-tuning does not wreck the pruned model
     assert "HiNM 75% gradual" in results["runs"]
+    two_cp = results["runs"]["HiNM 75% + 2CP"]  # the permutation search ran
+    assert two_cp["density"] == 0.25 and two_cp["kept"] >= run["kept"]

@@ -1,0 +1,462 @@
+"""Channel permutation search for block patterns: OCP, IVP and 2CP.
+
+A HiNM mask is computed in a *layout* (:class:`~hinm_jax.masks.Layout`): an output-channel
+permutation ``π`` (which channels share a block of ``V``) and, per block, its ``K_v`` kept
+input indices in N:M walk order (``σ``). The layout is metadata: weights and neighbouring
+layers are never rewritten, and the mask stays in original coordinates. This module
+searches layouts that keep more importance than the paper's rule with identity ``π`` and
+``σ``:
+
+- ``"ocp"``: output-channel permutation only; each block keeps the paper's ``K_v``
+  indices (best block sums) in ascending order. Iterated local search: channels are
+  assigned to blocks by an exact assignment problem on their N:M value in each block's
+  layout (the paper's Hungarian step, all channels at once), layouts follow the new
+  members, repeat to a fixed point; random swaps then kick it out of local optima.
+- ``"ivp"``: identity ``π``; per block, the kept indices *and* their walk order (SPEC
+  allows any ``K_v`` indices per block). Starting from the best block sums dealt
+  boustrophedon over the stripes, rounds of cyclic exchange: one position per stripe and
+  some unused indices are re-dealt by an assignment problem with exact gains.
+- ``"2cp"``: both. The output-channel search scores a channel against each block's
+  generic N:M layout (block sums dealt boustrophedon), which predicts what the
+  input-vector search will reach without locking channels into layouts fitted to them;
+  then the input-vector search runs on the blocks found.
+
+NM patterns have one block, so only the input order is searched (``"ivp"``, ``"2cp"``);
+VectorWise has no N:M step, so only the output channels (``"ocp"``, ``"2cp"``).
+Unstructured and HSS patterns have no layout to search.
+
+Measure a layout with :func:`efficacy` (SPEC's definition): ``0`` is the paper's rule,
+``100`` is every output channel keeping its own best ``round(density * K)`` scores.
+
+Example:
+    >>> import jax, hinm_jax
+    >>> from hinm_jax import permute
+    >>> score = abs(jax.random.normal(jax.random.key(0), (64, 64)))
+    >>> layout = permute.search(score, hinm_jax.HiNM(16, 0.5, 2, 4), "2cp", key=jax.random.key(1))
+    >>> permute.efficacy(score, "hinm:16:0.5:2:4", layout) > 0
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hinm_jax import _permute_ivp, _permute_ocp, _structure
+from hinm_jax.masks import Layout, mask_from_layout, matrix_mask
+from hinm_jax.patterns import NM, BlockStructure, Pattern, VectorWise, as_pattern
+
+__all__ = ["METHODS", "Budget", "search", "search_tree", "efficacy", "kept"]
+
+METHODS = ("ocp", "ivp", "2cp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How hard the search works on each matrix. Iteration counts are deterministic for
+    a given key; ``time_limit`` makes the result depend on the machine's speed.
+
+    Attributes:
+      ocp_cycles: perturbation cycles of the output-channel search after its first
+        descent (each: random swaps of ``ocp_perturb * O`` channels, then a descent).
+      ocp_descent: most assignment/layout alternations per descent.
+      ocp_perturb: fraction of the output channels a perturbation moves.
+      ocp_subset: largest assignment problem (channels) solved at once; more channels
+        are assigned in random subsets of equal size per block.
+      ocp_group: blocks per group in a large-neighbourhood cycle.
+      ivp_rounds: most cyclic-exchange rounds of the input-vector search.
+      ivp_group: most stripes in one exchange (assignment) problem.
+      ivp_unused: most unused input indices offered to one exchange problem.
+      ivp_patience: stop the input-vector search after this many rounds without gain.
+      time_limit: seconds per matrix (``None``: no limit); the output-channel search
+        gets 40% of it. Rounds and cycles stop early when it runs out.
+      batch: most matrices of one shape searched together.
+    """
+
+    ocp_cycles: int = 10
+    ocp_descent: int = 30
+    ocp_perturb: float = 0.1
+    ocp_subset: int = 512
+    ocp_group: int = 4
+    ivp_rounds: int = 150
+    ivp_group: int = 64
+    ivp_unused: int = 64
+    ivp_patience: int = 8
+    time_limit: float | None = None
+    batch: int = 8
+
+    def __post_init__(self):
+        for name in ("ocp_cycles", "ocp_descent", "ivp_rounds", "ivp_unused", "ivp_patience"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}={value!r}: must be an int >= 0")
+        for name in ("ocp_subset", "ocp_group", "ivp_group", "batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be an int >= 1")
+        if not (0.0 <= self.ocp_perturb <= 1.0):
+            raise ValueError(f"ocp_perturb={self.ocp_perturb!r}: must be in [0, 1]")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"time_limit={self.time_limit!r}: must be > 0 seconds or None")
+
+
+class _Plan(NamedTuple):
+    """What a method does on one pattern and matrix shape."""
+
+    structure: BlockStructure
+    ocp: bool
+    ivp: bool
+    order: str  # proxy layout of the output-channel search
+
+
+def _plan(pattern: Pattern, method: str, shape, k: int, o: int, path: str) -> _Plan:
+    where = f"{path}: shape={tuple(shape)} pattern {pattern}"
+    if method not in METHODS:
+        raise ValueError(f"{where}: method={method!r}: expected one of {METHODS}")
+    err = pattern.fit_error(k, o)
+    if err is not None:
+        raise ValueError(f"{where}: does not fit: {err}")
+    struct = pattern.structure(k, o)
+    if struct is None:
+        raise ValueError(
+            f"{where}: has no permutation search (only HiNM, NM and VectorWise have blocks and "
+            "stripes to permute); use permute=None"
+        )
+    v, kv, n, m = struct
+    no_blocks = isinstance(pattern, NM) or (v == o and kv == k)
+    no_stripes = isinstance(pattern, VectorWise) or n >= m
+    if no_blocks and no_stripes:
+        raise ValueError(f"{where}: keeps everything; there is nothing to permute")
+    if no_blocks and method == "ocp":
+        raise ValueError(
+            f"{where}: method='ocp' moves output channels between blocks, but this pattern has a "
+            "single block; use 'ivp' (the N:M input order) or '2cp'"
+        )
+    if no_stripes and method == "ivp":
+        raise ValueError(
+            f"{where}: method='ivp' orders each block's inputs for the N:M step, but this pattern "
+            "has no N:M step (the best block sums are already optimal); use 'ocp' or '2cp'"
+        )
+    ocp = method in ("ocp", "2cp") and not no_blocks
+    ivp = method in ("ivp", "2cp") and not no_stripes
+    return _Plan(struct, ocp, ivp, "snake" if ivp else "ascending")
+
+
+def _budget(budget: Budget | None, overrides: Mapping[str, Any]) -> Budget:
+    budget = Budget() if budget is None else budget
+    if not isinstance(budget, Budget):
+        raise ValueError(f"budget={budget!r}: expected a hinm_jax.permute.Budget")
+    fields = {f.name for f in dataclasses.fields(Budget)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown search options {unknown}: expected fields of Budget {sorted(fields)}")
+    return dataclasses.replace(budget, **overrides)
+
+
+def _seed_words(key) -> list[int]:
+    if key is None:
+        key = jax.random.key(0)
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return [int(w) for w in np.asarray(key, np.uint32).reshape(-1)]
+
+
+def _finite(scores: np.ndarray) -> np.ndarray:
+    """NaN and -inf count as least important, +inf as most (the search needs sums)."""
+    s = np.asarray(scores, np.float32)
+    if np.isfinite(s).all():
+        return s
+    ok = np.isfinite(s)
+    lo = float(s[ok].min()) if ok.any() else 0.0
+    hi = float(s[ok].max()) if ok.any() else 0.0
+    return np.where(np.isnan(s) | (s == -np.inf), lo - 1.0, np.where(s == np.inf, hi + 1.0, s)).astype(np.float32)
+
+
+def _search_batch(scores: np.ndarray, plan: _Plan, seeds: Sequence[Sequence[int]], budget: Budget):
+    """Searches ``B`` matrices of one shape: ``(B, K, O)`` -> ``(B, O)``, ``(B, nb, K_v)``."""
+    v, kv, n, m = plan.structure
+    bsz, k, o = scores.shape
+    nb = o // v
+    start = time.perf_counter()
+    limit = None if budget.time_limit is None else budget.time_limit * bsz
+    s = jnp.asarray(scores)
+    perms = np.tile(np.arange(o, dtype=np.int32), (bsz, 1))
+    if plan.ocp and nb > 1:
+        rngs = [np.random.default_rng(list(seed)) for seed in seeds]
+        perms = _permute_ocp.search(
+            s,
+            perms,
+            rngs,
+            v=v,
+            kv=kv,
+            n=n,
+            m=m,
+            order=plan.order,
+            cycles=budget.ocp_cycles,
+            descent=budget.ocp_descent,
+            perturb=budget.ocp_perturb,
+            subset=budget.ocp_subset,
+            group=budget.ocp_group,
+            deadline=None if limit is None else start + (0.4 if plan.ivp else 1.0) * limit,
+        )
+    layout = np.asarray(_permute_ocp.proxy_layout(s, jnp.asarray(perms), v=v, kv=kv, m=m, order=plan.order))
+    if not plan.ivp:
+        return perms, layout
+    x = np.take_along_axis(scores, perms[:, None, :], axis=2)
+    x = x.reshape(bsz, k, nb, v).transpose(0, 2, 1, 3).reshape(bsz * nb, k, v)
+    cols = layout.reshape(bsz * nb, kv // m, m)
+    kept = np.zeros((bsz * nb, k), bool)
+    np.put_along_axis(kept, layout.reshape(bsz * nb, kv), True, axis=1)
+    pool = np.argsort(kept, axis=1, kind="stable")[:, : k - kv].astype(np.int32)  # unused, ascending
+    rngs = [np.random.default_rng([*seed, 1, b]) for seed in seeds for b in range(nb)]
+    cols, _ = _permute_ivp.improve(
+        x,
+        cols,
+        pool,
+        rngs,
+        n=n,
+        rounds=budget.ivp_rounds,
+        group=budget.ivp_group,
+        unused=budget.ivp_unused,
+        patience=budget.ivp_patience,
+        deadline=None if limit is None else start + limit,
+    )
+    return perms, cols.reshape(bsz, nb, kv)
+
+
+def search(score, pattern, method: str = "2cp", *, key=None, budget: Budget | None = None, **options) -> Layout:
+    """Searches a layout for one ``(K, O)`` matrix.
+
+    Args:
+      score: ``(K, O)`` importance (higher is more important).
+      pattern: a block pattern (:class:`~hinm_jax.patterns.HiNM`, ``NM``, ``VectorWise``)
+        or its string form.
+      method: ``"ocp"``, ``"ivp"`` or ``"2cp"`` (see the module docstring).
+      key: PRNG key; the same key gives the same layout.
+      budget: a :class:`Budget`; ``options`` override its fields
+        (e.g. ``ivp_rounds=50``, ``time_limit=2.0``).
+
+    Returns:
+      A :class:`~hinm_jax.masks.Layout`; the mask is
+      ``mask_from_layout(score, layout.row_perm, layout.vector_index, n, m)``.
+
+    Example:
+        >>> import jax, hinm_jax
+        >>> from hinm_jax import permute
+        >>> s = abs(jax.random.normal(jax.random.key(0), (32, 64)))
+        >>> layout = permute.search(s, "hinm:16:0.5:2:4", "ivp", key=jax.random.key(0))
+        >>> layout.row_perm.shape, layout.vector_index.shape
+        ((64,), (4, 16))
+    """
+    pattern = as_pattern(pattern)
+    shape = tuple(np.shape(score))
+    if len(shape) != 2:
+        raise ValueError(f"score: shape={shape}: search takes one (K, O) matrix; use search_tree for stacks")
+    plan = _plan(pattern, method, shape, shape[0], shape[1], "score")
+    budget = _budget(budget, options)
+    perms, vidx = _search_batch(_finite(np.asarray(score))[None], plan, [_seed_words(key) + [0, 0]], budget)
+    return Layout(jnp.asarray(perms[0], jnp.int32), jnp.asarray(vidx[0], jnp.int32))
+
+
+def search_tree(
+    todo: Sequence[tuple[str, Any]],
+    plans: Mapping[str, Any],
+    *,
+    method: str = "2cp",
+    key=None,
+    progress: bool = True,
+    budget: Budget | None = None,
+    **options,
+) -> dict[str, Layout]:
+    """Searches a layout for every leaf of a model (the hook of ``prune(permute=...)``).
+
+    Matrices of the same shape and pattern (stacked leaves included) are searched
+    together, ``budget.batch`` at a time, under a progress bar that shows each finished
+    layer's efficacy.
+
+    Args:
+      todo: ``(path, score)`` pairs, the score shaped like the leaf.
+      plans: ``plans[path]`` has ``.pattern`` and ``.stack_axes``; the leaf is the stack
+        of ``(K, O)`` matrices ``score.reshape(stack + (K, O))``.
+      method: ``"ocp"``, ``"ivp"`` or ``"2cp"``.
+      key: PRNG key; matrix ``j`` of the ``i``-th leaf draws from ``(key, i, j)``.
+      progress: show a tqdm progress bar.
+      budget: a :class:`Budget`; ``options`` override its fields.
+
+    Returns:
+      ``{path: Layout}`` with ``row_perm`` shaped ``stack + (O,)`` and ``vector_index``
+      shaped ``stack + (O/V, K_v)`` (int32).
+
+    Example:
+        >>> import jax, hinm_jax
+        >>> params = {"a": {"kernel": jax.random.normal(jax.random.key(0), (64, 64))}}
+        >>> masks = hinm_jax.prune(params, "hinm:16:0.5:2:4", permute="2cp",
+        ...                        permute_options={"progress": False})
+        >>> masks["a"]["kernel"].layout.vector_index.shape
+        (4, 16)
+    """
+    budget = _budget(budget, options)
+    words = _seed_words(key)
+    leaves = []  # (path, stack, matrices (S, K, O), plan)
+    for path, score in todo:
+        entry = plans[path]
+        pattern = as_pattern(entry.pattern)
+        shape = tuple(np.shape(score))
+        stack_axes = int(getattr(entry, "stack_axes", 0))
+        if len(shape) - stack_axes < 2:
+            raise ValueError(f"{path}: shape={shape} pattern {pattern}: needs 2 axes after stack_axes={stack_axes}")
+        stack, k, o = _structure.matrix_shape(shape, stack_axes)
+        plan = _plan(pattern, method, shape, k, o, path)
+        leaves.append((path, stack, _finite(np.asarray(score)).reshape((-1, k, o)), plan, pattern))
+
+    groups: dict[tuple, list[tuple[int, int]]] = {}
+    for i, (_, _, mats, plan, _) in enumerate(leaves):
+        groups.setdefault((mats.shape[1:], plan), []).extend((i, j) for j in range(mats.shape[0]))
+    perms = [np.zeros((mats.shape[0], mats.shape[2]), np.int32) for _, _, mats, _, _ in leaves]
+    vidx = [np.zeros((mats.shape[0],) + _nb_kv(plan, mats.shape[2]), np.int32) for _, _, mats, plan, _ in leaves]
+    left = [mats.shape[0] for _, _, mats, _, _ in leaves]
+
+    total = sum(left)
+    bar = _progress_bar(total, method, progress)
+    try:
+        for (_, plan), items in groups.items():
+            for c in range(0, len(items), budget.batch):
+                chunk = items[c : c + budget.batch]
+                mats = np.stack([leaves[i][2][j] for i, j in chunk])
+                p, vi = _search_batch(mats, plan, [words + [i, j] for i, j in chunk], budget)
+                for t, (i, j) in enumerate(chunk):
+                    perms[i][j], vidx[i][j] = p[t], vi[t]
+                    left[i] -= 1
+                    if left[i] == 0 and bar is not None:
+                        path, stack, leaf_mats, _, pattern = leaves[i]
+                        eff = efficacy(leaf_mats, pattern, Layout(perms[i], vidx[i]))
+                        bar.set_postfix_str(f"{path}: efficacy {eff:.1f}%", refresh=False)
+                if bar is not None:
+                    bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+
+    out = {}
+    for i, (path, stack, mats, plan, _) in enumerate(leaves):
+        nb_kv = vidx[i].shape[1:]
+        out[path] = Layout(
+            jnp.asarray(perms[i].reshape(stack + (mats.shape[2],)), jnp.int32),
+            jnp.asarray(vidx[i].reshape(stack + nb_kv), jnp.int32),
+        )
+    return out
+
+
+def _nb_kv(plan: _Plan, o: int) -> tuple[int, int]:
+    return (o // plan.structure.vector_size, plan.structure.kept_inputs)
+
+
+def _progress_bar(total: int, method: str, progress: bool):
+    if not progress or total == 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"permute {method}", unit="matrix")
+
+
+# ---------------------------------------------------------------------------------------
+# Efficacy (SPEC)
+# ---------------------------------------------------------------------------------------
+
+
+def kept(score, mask) -> float:
+    """``Σ score`` over the elements ``mask`` keeps.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> kept(jnp.array([[1.0, 2.0], [3.0, 4.0]]), jnp.array([[True, False], [False, True]]))
+        5.0
+    """
+    score = jnp.asarray(score, jnp.float32)
+    mask = jnp.asarray(mask, bool)
+    if score.shape != mask.shape:
+        raise ValueError(f"score: shape={tuple(score.shape)} but mask has shape {tuple(mask.shape)}")
+    return float(jnp.sum(jnp.where(mask, score, 0.0), dtype=jnp.float32))
+
+
+def _opt_mask(score, count: int):
+    """Every output channel (column) keeps its ``count`` best scores."""
+    _, idx = jax.lax.top_k(score.T, count)  # (O, count), ties: lowest index
+    rows = jnp.zeros(score.T.shape, bool).at[jnp.arange(score.shape[1])[:, None], idx].set(True)
+    return rows.T
+
+
+def efficacy(score, pattern, layout: Layout) -> float:
+    """SPEC's efficacy of a layout, in percent.
+
+    ``(kept(perm) - kept(base)) / (kept(opt) - kept(base)) * 100`` where ``base`` is the
+    paper's rule with identity ``π`` and ``σ``, ``opt`` keeps every output channel's
+    ``round(density * K)`` best scores, and ``perm`` is the N:M step in ``layout``. For a
+    stack of matrices the kept sums are totals over the stack. ``0.0`` when ``opt``
+    keeps no more than ``base`` (nothing to gain).
+
+    Args:
+      score: ``(K, O)`` importance, or ``(*stack, K, O)`` with a stacked ``layout``.
+      pattern: the block pattern (or its string form).
+      layout: the :class:`~hinm_jax.masks.Layout` to measure.
+
+    Example:
+        >>> import jax, hinm_jax
+        >>> s = abs(jax.random.normal(jax.random.key(0), (32, 64)))
+        >>> _, base = hinm_jax.masks.matrix_mask(s, hinm_jax.HiNM(16, 0.5, 2, 4))
+        >>> efficacy(s, "hinm:16:0.5:2:4", base)
+        0.0
+    """
+    pattern = as_pattern(pattern)
+    score = jnp.asarray(score, jnp.float32)
+    if score.ndim < 2:
+        raise ValueError(f"score: shape={tuple(score.shape)}: expected (K, O) or (*stack, K, O)")
+    k, o = score.shape[-2:]
+    struct = pattern.structure(k, o)
+    if struct is None:
+        raise ValueError(f"score: shape={tuple(score.shape)} pattern {pattern}: efficacy needs a block pattern")
+    stack = score.shape[:-2]
+    row_perm = jnp.asarray(layout.row_perm, jnp.int32)
+    vector_index = jnp.asarray(layout.vector_index, jnp.int32)
+    if row_perm.shape != stack + (o,) or vector_index.shape != stack + (o // struct.vector_size, struct.kept_inputs):
+        raise ValueError(
+            f"score: shape={tuple(score.shape)} pattern {pattern}: layout shapes {tuple(row_perm.shape)}, "
+            f"{tuple(vector_index.shape)} do not match {stack + (o,)}, "
+            f"{stack + (o // struct.vector_size, struct.kept_inputs)}"
+        )
+    count = round(pattern.density(k, o) * k)
+    sums = _efficacy_sums(
+        score.reshape((-1, k, o)),
+        row_perm.reshape((-1, o)),
+        vector_index.reshape((-1,) + vector_index.shape[-2:]),
+        pattern,
+        count,
+    )
+    base, opt, perm = (float(x) for x in np.asarray(sums, np.float64).sum(axis=0))
+    if not opt > base:
+        return 0.0
+    return 100.0 * (perm - base) / (opt - base)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _efficacy_sums(scores, row_perms, vector_indices, pattern, count):
+    struct = pattern.structure(*scores.shape[1:])
+    n, m = struct.n, struct.m
+
+    def one(s, rp, vi):
+        s = jnp.where(jnp.isnan(s), -jnp.inf, s)
+        finite = jnp.where(jnp.isfinite(s), s, 0.0)
+        base, _ = matrix_mask(s, pattern)
+        perm = mask_from_layout(s, rp, vi, n, m)
+        opt = _opt_mask(s, count)
+        total = lambda mk: jnp.sum(jnp.where(mk, finite, 0.0))
+        return jnp.stack([total(base), total(opt), total(perm)])
+
+    return jax.vmap(one)(scores, row_perms, vector_indices)
