@@ -24,6 +24,7 @@ assignment problems are small (``2G`` at most) and solved one by one.
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 
 import jax
@@ -114,25 +115,26 @@ def _one_round(x, cols, pool, rngs, active, g, u, n):
     # Item i lands in slot choice[i]: slots 0..g-1 are the picked positions, g.. unused.
     choice = np.broadcast_to(np.arange(g + u), (bk, ng, g + u)).copy()
     gain = np.zeros(bk)
-    worth = (d > _EPS).any(axis=(2, 3)) & active[:, None]  # a positive cycle needs a positive edge
+    up = d > _EPS
+    worth = up.any(axis=(2, 3)) & active[:, None]  # a positive cycle needs a positive edge
+    # Keep the positions (with their occupants) and unused indices that touch an
+    # improving move; the rest stay put. Each problem is items x positions; the items
+    # left over go to the unused slots.
+    item_up = up.any(axis=2)  # (bk, ng, g+u)
+    slot_up = up.any(axis=3) | item_up[..., :g]  # (bk, ng, g)
     for b, q in zip(*np.nonzero(worth)):
-        dq = d[b, q]
-        up = dq > _EPS
-        # Keep the positions (with their occupants) and unused indices that touch an
-        # improving move; the rest stay put. The problem is items x positions; items
-        # left over go to the unused slots.
-        slots = np.nonzero(up.any(axis=1) | up[:, :g].any(axis=0))[0]
-        extra_items = g + np.nonzero(up[:, g:].any(axis=0))[0]
-        items_kept = np.concatenate([slots, extra_items])
-        cost = dq[np.ix_(slots, items_kept)].T.astype(np.float64)
+        slots = np.flatnonzero(slot_up[b, q])
+        items_kept = np.concatenate([slots, g + np.flatnonzero(item_up[b, q, g:])])
+        cost = d[b, q][np.ix_(slots, items_kept)].T.astype(np.float64)
         rows, to = linear_sum_assignment(cost, maximize=True)
         total = cost[rows, to].sum()
         if total > _EPS:
             moved = items_kept[rows]
             choice[b, q, moved] = slots[to]
-            vacated = moved[moved >= g]  # unused indices taken into stripes
-            displaced = np.setdiff1d(slots, moved, assume_unique=True)  # occupants pushed out
-            choice[b, q, displaced] = vacated
+            taken = np.zeros(g + u, bool)
+            taken[moved] = True
+            # Unused indices taken into stripes free their slots for the occupants pushed out.
+            choice[b, q, slots[~taken[slots]]] = moved[moved >= g]
             gain[b] += total
     placed = np.empty_like(items)
     np.put_along_axis(placed, choice, items, axis=2)  # placed[slot] = item
@@ -142,6 +144,66 @@ def _one_round(x, cols, pool, rngs, active, g, u, n):
         pool = pool.copy()
         pool[:, : ng * u] = placed[..., g:].reshape(bk, ng * u)
     return cols, pool, gain
+
+
+@functools.lru_cache(maxsize=None)
+def _splits(m: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ways to cut ``2m`` indices into two stripes of ``m`` (the first holds index 0;
+    split 0 is the current pair)."""
+    left = [c for c in itertools.combinations(range(2 * m), m) if 0 in c]
+    right = [[i for i in range(2 * m) if i not in c] for c in left]
+    return np.asarray(left, np.int32), np.asarray(right, np.int32)
+
+
+_MAX_SPLITS = 128  # re-split stripe pairs only when C(2m, m) / 2 is at most this
+_RESPLIT_EVERY = 4  # a re-split round after every this many exchange rounds (and when all stall)
+
+
+def _topn_of(vals, n: int):
+    """Sum of the ``n`` largest of the equal arrays ``vals`` (elementwise)."""
+    if n == 2 and len(vals) == 4:
+        a, b, c, d = vals
+        hi1, lo1 = jnp.maximum(a, b), jnp.minimum(a, b)
+        hi2, lo2 = jnp.maximum(c, d), jnp.minimum(c, d)
+        return jnp.maximum(hi1, hi2) + jnp.maximum(jnp.minimum(hi1, hi2), jnp.maximum(lo1, lo2))
+    return topn_sum(jnp.stack(vals, axis=0), n, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _best_splits(x, pairs, *, n: int):
+    """For ``pairs`` (``(Bk, P, 2m)`` input indices of two stripes): the best cut into
+    two stripes and its gain over the current one. Returns ``(index, gain)``."""
+    m = pairs.shape[-1] // 2
+    left, right = _splits(m)
+    vals = jax.vmap(lambda xb, c: xb[c])(x, pairs)  # (Bk, P, 2m, V)
+    each = [vals[:, :, i] for i in range(2 * m)]  # slices, no gathers
+
+    def value(idx):
+        return jnp.sum(_topn_of([each[i] for i in idx], n), axis=-1)  # (Bk, P)
+
+    scores = jnp.stack([value(a) + value(b) for a, b in zip(left, right)], axis=-1)  # (Bk, P, S)
+    best = jnp.argmax(scores, axis=-1)  # first maximum: the current cut wins ties
+    return best, jnp.max(scores, axis=-1) - scores[..., 0]
+
+
+def _resplit_round(x, cols, rngs, active, n):
+    """Pairs the stripes of every block at random and re-cuts each pair's ``2m``
+    indices into the best two stripes (exact, all cuts). Returns ``cols``, gain."""
+    bk, j, m = cols.shape
+    half = j // 2
+    order = np.stack([r.permutation(j) for r in rngs])[:, : 2 * half]
+    a, b = order[:, :half], order[:, half:]
+    pairs = np.concatenate([np.take_along_axis(cols, a[..., None], 1), np.take_along_axis(cols, b[..., None], 1)], -1)
+    best, gain = (np.asarray(t) for t in _best_splits(x, pairs, n=n))
+    move = (gain > _EPS) & active[:, None]
+    best = np.where(move, best, 0)
+    left, right = _splits(m)
+    new_a = np.take_along_axis(pairs, left[best], axis=2)
+    new_b = np.take_along_axis(pairs, right[best], axis=2)
+    cols = cols.copy()
+    np.put_along_axis(cols, a[..., None], new_a, axis=1)
+    np.put_along_axis(cols, b[..., None], new_b, axis=1)
+    return cols, np.where(move, gain, 0.0).sum(axis=1)
 
 
 def improve(x, cols, pool, rngs, *, n: int, rounds: int, group: int = 64, unused: int = 64, patience: int = 8, deadline=None):
@@ -170,12 +232,17 @@ def improve(x, cols, pool, rngs, *, n: int, rounds: int, group: int = 64, unused
     g = group_size(j, group)
     u = min(unused, pool.shape[1] // (j // g))
     idle = np.zeros(bk, np.int64)  # rounds in a row without gain, per block
+    resplit = j >= 2 and len(_splits(m)[0]) <= _MAX_SPLITS
     if n < m:
-        for _ in range(rounds):
+        for r in range(rounds):
             active = idle < patience
             if not active.any() or (deadline is not None and time.perf_counter() > deadline):
                 break
             cols, pool, gain = _one_round(x, cols, pool, rngs, active, g, u, n)
+            stalled = not np.any(active & (gain > _EPS))
+            if resplit and (stalled or r % _RESPLIT_EVERY == _RESPLIT_EVERY - 1):
+                cols, more = _resplit_round(x, cols, rngs, active, n)
+                gain = gain + more
             idle = np.where(gain > _EPS, 0, idle + 1)
     cols = np.sort(cols, axis=2)
     order = np.argsort(cols[:, :, 0], axis=1, kind="stable")

@@ -188,7 +188,7 @@ def _descend(s, p, rngs, *, v, kv, n, m, order, steps, subset):
     return best, best_val
 
 
-def search(s, perms, rngs, *, v, kv, n, m, order, cycles, descent, perturb, subset=512, group=4, deadline=None):
+def search(s, perms, rngs, *, v, kv, n, m, order, cycles, descent, perturb, subset=512, group=12, deadline=None):
     """Output-channel search on a batch of matrices: a descent from ``perms``, then
     ``cycles`` rounds of large-neighbourhood search.
 

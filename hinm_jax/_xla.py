@@ -37,9 +37,9 @@ fp32 is exact to rounding; bf16/fp16 accumulate in fp32. Everything is different
 Example:
     >>> import jax, jax.numpy as jnp, hinm_jax
     >>> from hinm_jax import _xla
-    >>> w = jax.random.normal(jax.random.key(0), (256, 128))
+    >>> w = jax.random.normal(jax.random.key(0), (512, 256))
     >>> sw = hinm_jax.compress({"w": w}, hinm_jax.prune({"w": w}, "hinm:32:0.5:2:4"))["w"]
-    >>> x = jnp.ones((4, 256))
+    >>> x = jnp.ones((4, 512))
     >>> _xla.strategy(4, sw), _xla.strategy(1, sw)
     ('gather', 'select')
     >>> bool(jnp.allclose(_xla.matmul(x, sw), x @ sw.densify(), rtol=1e-5, atol=1e-4))
@@ -61,18 +61,21 @@ __all__ = ["matmul", "strategy", "STRATEGIES", "select_path", "gather_path", "de
 
 STRATEGIES = ("select", "gather", "dense")
 
-# Working set of one chunk (expanded tiles plus gathered activations), in bytes: small
-# enough to stay in the last-level cache and far below glibc's 32 MiB mmap threshold.
+# Tuning constants (measured with benchmarks/spmm_cpu.py on a 2-core x86 machine; tests
+# shrink them to exercise many chunks on small shapes).
+# Working set of one "gather" chunk (expanded tiles plus gathered activations), in bytes:
+# it stays in the last-level cache and far below glibc's 32 MiB mmap threshold.
 _CHUNK_BYTES = 4 << 20
-# Values per chunk of the one-token path (it never expands them).
-_SELECT_CHUNK_VALUES = 1 << 20
-# Stripes each lane of the one-token loop fusion sums before the final YNNPACK sum.
+# Values per "select" chunk (they are never expanded; the chunk's uint8 positions and
+# partial sums are the temporaries).
+_SELECT_CHUNK_VALUES = 2 << 20
+# Stripes each lane of the "select" loop fusion sums before the final YNNPACK sum (more
+# makes XLA copy the values out of the fusion).
 _SELECT_STRIPES = 2
-_SELECT_FUSE_UNPACK = False
-_SELECT_POS_DTYPE = jnp.uint8
-# Tokens per slice: longer inputs are cut so that one block's gathered activations stay small.
+# Tokens per slice: longer inputs are cut so that one block's gathered activations
+# (``K_v * T``) stay small.
 _MAX_TOKENS = 512
-# Weights with at most this many dense entries just densify (the fewest thunks).
+# Weights with at most this many dense entries just densify: the fewest thunks.
 _DENSE_MAX_ENTRIES = 1 << 16
 
 
@@ -171,22 +174,23 @@ def _largest_divisor(n: int, limit: int) -> int:
 
 
 def _select_rows(values, pos, xs, n: int, m: int, acc):
-    """One token: ``y[r] = sum_i values[r, i] * xs[b(r), p(r, i) of stripe j(i)]``.
+    """One token: ``y[r] = sum_i values[r, i] * xs[b(r), p(r, i), j(i)]``.
 
     Args:
       values: ``(rows, J*n)``; pos: ``(rows, J*n)`` uint8 stripe positions.
-      xs: ``(g, m, J)`` the activations of the rows' ``g`` blocks, position-major (a
-        selected activation is then read along the long stripe axis).
+      xs: ``(g, m, J)``: the activations of the rows' ``g`` blocks, position-major, so
+        that a selected activation is read along the long stripe axis.
 
-    Returns ``(rows,)`` in ``acc``. The loop fusion sums ``s`` stripes per output lane and
-    ends in a select (so it stays one loop fusion); a YNNPACK sum finishes the rows.
+    Returns ``(rows,)`` in ``acc``. The loop fusion sums ``n`` values of ``s`` stripes
+    per output lane and ends in a select (so it stays one loop fusion); a YNNPACK sum
+    finishes the rows.
     """
     rows, nnz = values.shape
     g, _, j = xs.shape
     s = _largest_divisor(j, _SELECT_STRIPES)
     ja = j // s
     v = values.reshape(g, rows // g, s, ja, n).astype(acc)
-    pos = pos.reshape(g, rows // g, s, ja, n).astype(_SELECT_POS_DTYPE)
+    pos = pos.reshape(g, rows // g, s, ja, n)
     xs = xs.reshape(g, 1, m, s, ja).astype(acc)
     total = None
     for si in range(s):
@@ -228,8 +232,8 @@ def _select_rows_of(x, w: SparseWeight):
     """One token ``x`` ``(1, K)`` -> ``(O,)`` in packed order."""
     k, o, nb, kv, v, nnz = _geometry(w)
     n, m = w.n, w.m
-    j = kv // m
     _, acc = _compute_dtypes(x, w)
+    j = kv // m
     # Block b's activations, position-major: xs[b, p, j] = x[vector_index[b, j*m + p]].
     order = w.vector_index.reshape(nb, j, m).transpose(0, 2, 1)
     rows = max(1, _SELECT_CHUNK_VALUES // nnz)
@@ -238,14 +242,10 @@ def _select_rows_of(x, w: SparseWeight):
     for r0, r1 in _chunks(o, v, rows):
         b0, b1 = r0 // v, -(-r1 // v)
 
-        if _SELECT_FUSE_UNPACK:
-            xs = _opaque(lambda order, x, b0=b0, b1=b1: x[0][order[b0:b1]], pred, order, x)
-            pos = _positions(w.metadata[r0:r1], m, nnz)
-        else:
-            def prep(meta, order, x, r0=r0, r1=r1, b0=b0, b1=b1):
-                return _positions(meta[r0:r1], m, nnz), x[0][order[b0:b1]]
+        def prep(meta, order, x, r0=r0, r1=r1, b0=b0, b1=b1):
+            return _positions(meta[r0:r1], m, nnz), x[0][order[b0:b1]]
 
-            pos, xs = _opaque(prep, pred, w.metadata, order, x)
+        pos, xs = _opaque(prep, pred, w.metadata, order, x)
         y = _select_rows(w.values[r0:r1], pos, xs, n, m, acc)
         ys.append(y)
         pred = _after(y)

@@ -52,7 +52,7 @@ from hinm_jax import _permute_ivp, _permute_ocp, _structure
 from hinm_jax.masks import Layout, mask_from_layout, matrix_mask
 from hinm_jax.patterns import NM, BlockStructure, Pattern, VectorWise, as_pattern
 
-__all__ = ["METHODS", "Budget", "search", "search_tree", "efficacy", "kept"]
+__all__ = ["METHODS", "Budget", "search", "search_tree", "efficacy", "kept", "planted"]
 
 METHODS = ("ocp", "ivp", "2cp")
 
@@ -76,20 +76,25 @@ class Budget:
       ivp_patience: stop the input-vector search after this many rounds without gain.
       time_limit: seconds per matrix (``None``: no limit); the output-channel search
         gets 40% of it. Rounds and cycles stop early when it runs out.
-      batch: most matrices of one shape searched together.
+      scale: shrink the counts above for matrices whose steps cost more than those of
+        a ``384 x 1536`` matrix (at least one of each), so that a ``4096 x 4096`` layer
+        takes seconds, not minutes. Deterministic.
+      batch: most matrices of one shape searched together (they move in lock-step, so
+        on CPU one at a time is usually fastest).
     """
 
     ocp_cycles: int = 10
     ocp_descent: int = 30
     ocp_perturb: float = 0.1
     ocp_subset: int = 512
-    ocp_group: int = 4
+    ocp_group: int = 12
     ivp_rounds: int = 150
     ivp_group: int = 64
     ivp_unused: int = 64
     ivp_patience: int = 8
     time_limit: float | None = None
-    batch: int = 8
+    scale: bool = True
+    batch: int = 1
 
     def __post_init__(self):
         for name in ("ocp_cycles", "ocp_descent", "ivp_rounds", "ivp_unused", "ivp_patience"):
@@ -179,6 +184,34 @@ def _finite(scores: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(s) | (s == -np.inf), lo - 1.0, np.where(s == np.inf, hi + 1.0, s)).astype(np.float32)
 
 
+# Work per step (elements touched) up to which the budget counts apply unscaled. Above
+# it, counts shrink: perturbation cycles and descent steps in proportion (they are worth
+# least on matrices with many blocks), exchange rounds with the 3/4 power.
+_OCP_CYCLE_WORK = 4e6  # one assignment/layout alternation, nb * K_v * O (MiniLM: <= 1.4e7)
+_OCP_STEP_WORK = 1.5e8
+_IVP_ROUND_WORK = 1e7  # one exchange round: nb * (J/G) * G * (G + u) * V (MiniLM: <= 9.4e6)
+
+
+def _scaled(budget: Budget, struct: BlockStructure, k: int, o: int) -> Budget:
+    """``budget`` with its counts shrunk for matrices whose steps cost more."""
+    if not budget.scale:
+        return budget
+    v, kv, n, m = struct
+    nb = o // v
+    j = max(1, kv // m)
+    g = _permute_ivp.group_size(j, budget.ivp_group)
+    u = min(budget.ivp_unused, (k - kv) // (j // g))
+    step = nb * kv * o
+    round_ = nb * j * (g + u) * v
+    shrink = lambda count, f: count if count == 0 else max(1, int(count * min(1.0, f)))
+    return dataclasses.replace(
+        budget,
+        ocp_cycles=int(budget.ocp_cycles * min(1.0, _OCP_CYCLE_WORK / step)),
+        ocp_descent=shrink(budget.ocp_descent, _OCP_STEP_WORK / step),
+        ivp_rounds=shrink(budget.ivp_rounds, (_IVP_ROUND_WORK / round_) ** 0.75),
+    )
+
+
 def _search_batch(scores: np.ndarray, plan: _Plan, seeds: Sequence[Sequence[int]], budget: Budget):
     """Searches ``B`` matrices of one shape: ``(B, K, O)`` -> ``(B, O)``, ``(B, nb, K_v)``."""
     v, kv, n, m = plan.structure
@@ -188,6 +221,7 @@ def _search_batch(scores: np.ndarray, plan: _Plan, seeds: Sequence[Sequence[int]
     limit = None if budget.time_limit is None else budget.time_limit * bsz
     s = jnp.asarray(scores)
     perms = np.tile(np.arange(o, dtype=np.int32), (bsz, 1))
+    counts = _scaled(budget, plan.structure, k, o)
     if plan.ocp and nb > 1:
         rngs = [np.random.default_rng(list(seed)) for seed in seeds]
         perms = _permute_ocp.search(
@@ -199,8 +233,8 @@ def _search_batch(scores: np.ndarray, plan: _Plan, seeds: Sequence[Sequence[int]
             n=n,
             m=m,
             order=plan.order,
-            cycles=budget.ocp_cycles,
-            descent=budget.ocp_descent,
+            cycles=counts.ocp_cycles,
+            descent=counts.ocp_descent,
             perturb=budget.ocp_perturb,
             subset=budget.ocp_subset,
             group=budget.ocp_group,
@@ -208,7 +242,7 @@ def _search_batch(scores: np.ndarray, plan: _Plan, seeds: Sequence[Sequence[int]
         )
     layout = np.asarray(_permute_ocp.proxy_layout(s, jnp.asarray(perms), v=v, kv=kv, m=m, order=plan.order))
     if not plan.ivp:
-        return perms, layout
+        return _no_worse(s, perms, layout, plan)
     x = np.take_along_axis(scores, perms[:, None, :], axis=2)
     x = x.reshape(bsz, k, nb, v).transpose(0, 2, 1, 3).reshape(bsz * nb, k, v)
     cols = layout.reshape(bsz * nb, kv // m, m)
@@ -222,13 +256,39 @@ def _search_batch(scores: np.ndarray, plan: _Plan, seeds: Sequence[Sequence[int]
         pool,
         rngs,
         n=n,
-        rounds=budget.ivp_rounds,
+        rounds=counts.ivp_rounds,
         group=budget.ivp_group,
         unused=budget.ivp_unused,
         patience=budget.ivp_patience,
         deadline=None if limit is None else start + limit,
     )
-    return perms, cols.reshape(bsz, nb, kv)
+    return _no_worse(s, perms, cols.reshape(bsz, nb, kv), plan)
+
+
+def _no_worse(s, perms, vidx, plan: _Plan):
+    """The found layouts, or the paper's (identity ``π`` and ``σ``) where that keeps more:
+    the search never returns a layout below the efficacy baseline."""
+    v, kv, n, m = plan.structure
+    bsz, _, o = s.shape
+    ident = jnp.broadcast_to(jnp.arange(o, dtype=jnp.int32), (bsz, o))
+    base = _permute_ocp.proxy_layout(s, ident, v=v, kv=kv, m=m, order="ascending")
+    found = np.asarray(_layout_values(s, jnp.asarray(perms), jnp.asarray(vidx), n=n, m=m))
+    paper = np.asarray(_layout_values(s, ident, base, n=n, m=m))
+    worse = found < paper
+    perms = np.where(worse[:, None], np.asarray(ident), perms)
+    vidx = np.where(worse[:, None, None], np.asarray(base), vidx)
+    return perms, vidx
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m"))
+def _layout_values(s, perms, vidx, *, n: int, m: int):
+    """Kept score of each ``(K, O)`` matrix in its layout (the N:M step, summed)."""
+
+    def one(sm, rp, vi):
+        g = _structure.gather_packed(sm, rp, vi)  # (O, K_v)
+        return jnp.sum(_permute_ocp.topn_sum(g.reshape(g.shape[0], -1, m), n, axis=2))
+
+    return jax.vmap(one)(s, perms, vidx)
 
 
 def search(score, pattern, method: str = "2cp", *, key=None, budget: Budget | None = None, **options) -> Layout:
@@ -460,3 +520,53 @@ def _efficacy_sums(scores, row_perms, vector_indices, pattern, count):
         return jnp.stack([total(base), total(opt), total(perm)])
 
     return jax.vmap(one)(scores, row_perms, vector_indices)
+
+
+# ---------------------------------------------------------------------------------------
+# A planted test case
+# ---------------------------------------------------------------------------------------
+
+
+def planted(key, k: int, o: int, pattern, *, noise: float = 0.1) -> tuple[jax.Array, Layout]:
+    """Scores with a hidden layout in which every output channel keeps its own best.
+
+    The hidden layout has a random ``π``; each hidden block a random set of ``K_v``
+    inputs dealt into stripes at random. Every channel scores ``n`` random positions of
+    each stripe of its block in ``[1, 2)`` and everything else in ``[0, noise)``. The
+    hidden layout keeps exactly each channel's ``round(density * K)`` best, so its
+    efficacy is 100%; the identity layout mixes the hidden blocks.
+
+    Args:
+      key: PRNG key.
+      k, o: the matrix shape ``(K, O)``.
+      pattern: a block pattern (or its string form) that fits ``(K, O)``.
+      noise: the top of the small scores (``< 1``).
+
+    Returns:
+      ``(score, layout)``: ``(K, O)`` float32 scores and the hidden :class:`Layout`.
+
+    Example:
+        >>> import jax
+        >>> score, hidden = planted(jax.random.key(0), 64, 64, "hinm:16:0.5:2:4")
+        >>> round(efficacy(score, "hinm:16:0.5:2:4", hidden), 3)
+        100.0
+    """
+    pattern = as_pattern(pattern)
+    if not 0.0 <= noise < 1.0:
+        raise ValueError(f"noise={noise!r}: must be in [0, 1)")
+    struct = pattern.structure(k, o)
+    err = pattern.fit_error(k, o)
+    if struct is None or err is not None:
+        raise ValueError(f"planted: shape={(k, o)} pattern {pattern}: needs a block pattern that fits ({err})")
+    v, kv, n, m = struct
+    nb, j = o // v, kv // m
+    rng = np.random.default_rng(_seed_words(key))
+    row_perm = rng.permutation(o).astype(np.int32)
+    vector_index = np.stack([rng.permutation(k)[:kv] for _ in range(nb)]).astype(np.int32)
+    score = rng.uniform(0.0, noise, (k, o)).astype(np.float32)
+    big = rng.uniform(1.0, 2.0, (o, j, n)).astype(np.float32)
+    for r in range(o):
+        stripes = vector_index[r // v].reshape(j, m)
+        pos = np.argsort(rng.random((j, m)), axis=1)[:, :n]  # n random positions per stripe
+        score[np.take_along_axis(stripes, pos, axis=1), row_perm[r]] = big[r]
+    return jnp.asarray(score), Layout(jnp.asarray(row_perm), jnp.asarray(vector_index))

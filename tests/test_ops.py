@@ -4,6 +4,8 @@
 an NVIDIA GPU and is skipped elsewhere.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,14 +46,14 @@ def _matmul(x, sw, impl, **kw):
         raise
 
 
-def _sparse(k, o, pattern, dtype, seed=0, permuted=True):
+def _sparse(k, o, pattern, dtype, seed=0, permuted=True, shuffle_nm=False):
     """A compressed (K, O) weight with a non-trivial π and σ."""
     rng = np.random.default_rng(seed)
     w = jnp.asarray(rng.normal(size=(k, o)), dtype)
     v, kv, n, m = pattern.structure(k, o)
     perm = rng.permutation(o) if permuted else np.arange(o)
     if kv == k and v == o:  # plain N:M: the vector index is all of K (σ may still reorder)
-        vi = np.arange(k)[None]
+        vi = (rng.permutation(k) if shuffle_nm else np.arange(k))[None]
     else:
         vi = np.stack([rng.permutation(k)[:kv] for _ in range(o // v)])
     perm, vi = jnp.asarray(perm, jnp.int32), jnp.asarray(vi, jnp.int32)
@@ -158,3 +160,117 @@ def test_bad_inputs():
     if jax.default_backend() == "cpu":
         with pytest.raises(ValueError, match="implementation='cuda' cannot run here"):
             hinm_jax.sparse_matmul(jnp.ones((3, 64)), sw, implementation="cuda")
+
+
+# --- the reference strategies (hinm_jax._xla) -------------------------------------------
+
+from hinm_jax import _xla  # noqa: E402
+
+STRATEGY_CASES = [  # (K, O, pattern, shuffle_nm): every strategy must handle all of them
+    (256, 256, HiNM(64, 0.5, 2, 4), False),
+    (192, 128, HiNM(32, 0.25, 2, 4), False),
+    (128, 256, NM(2, 4), True),
+    (96, 64, NM(3, 8), True),
+    (80, 128, VectorWise(16, 0.5), False),
+]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of a few KiB and no dense shortcut, so that small shapes take the chunked
+    strategies and run many chunks (whole blocks, and pieces of a block for plain N:M)
+    and token slices. The constants are read at trace time: clear the jit cache."""
+    monkeypatch.setattr(_xla, "_CHUNK_BYTES", 24 << 10)
+    monkeypatch.setattr(_xla, "_SELECT_CHUNK_VALUES", 3000)
+    monkeypatch.setattr(_xla, "_MAX_TOKENS", 48)
+    monkeypatch.setattr(_xla, "_DENSE_MAX_ENTRIES", 0)
+    _xla._matmul.clear_cache()
+    yield
+    _xla._matmul.clear_cache()
+
+
+@functools.lru_cache(maxsize=None)
+def _sparse_cached(k, o, pattern, dtype, seed, shuffle_nm):
+    return _sparse(k, o, pattern, dtype, seed=seed, shuffle_nm=shuffle_nm)
+
+
+def _want(x, sw):
+    return np.asarray(x, np.float64) @ np.asarray(sw.densify(), np.float64)
+
+
+PATH_TOKENS = [("select", 1), ("select", 2)] + [("gather", t) for t in (1, 2, 7, 64)] + [("dense", 7)]
+
+
+@pytest.mark.parametrize("path, t", PATH_TOKENS)
+@pytest.mark.parametrize("k, o, pattern, shuffle_nm", STRATEGY_CASES)
+def test_every_strategy_matches_float64(small_chunks, path, t, k, o, pattern, shuffle_nm):
+    """Each strategy, with π permuted and σ shuffled, equals the float64 product."""
+    sw = _sparse_cached(k, o, pattern, jnp.float32, 0, shuffle_nm)
+    x = jax.random.normal(jax.random.key(t), (t, k))
+    fn = {"select": _xla.select_path, "gather": _xla.gather_path, "dense": _xla.dense_path}[path]
+    y = jax.jit(fn)(x, sw)[:, _structure_inverse(sw)]
+    np.testing.assert_allclose(np.asarray(y), _want(x, sw), rtol=1e-5, atol=1e-5)
+
+
+def _structure_inverse(sw):
+    return hinm_jax._structure.inverse_permutation(sw.row_perm)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("k, o, pattern, shuffle_nm", [STRATEGY_CASES[0], STRATEGY_CASES[2]])
+@pytest.mark.parametrize("t", [1, 5])
+def test_reference_dtypes_accumulate_in_fp32(small_chunks, dtype, k, o, pattern, shuffle_nm, t):
+    """Half-precision inputs: the product of the (exactly representable) inputs, summed
+    in fp32, rounded once to the output dtype."""
+    sw = _sparse_cached(k, o, pattern, dtype, 3, shuffle_nm)
+    x = jax.random.normal(jax.random.key(1), (t, k), dtype)
+    y = reference_matmul(x, sw)
+    assert y.dtype == dtype and y.shape == (t, o)
+    assert _xla.strategy(t, sw) == ("select" if t == 1 else "gather")
+    want = _want(x, sw)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+def test_mixed_dtypes_promote(small_chunks):
+    sw = _sparse(256, 256, HiNM(64, 0.5, 2, 4), jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(0), (3, 256), jnp.float32)
+    y = reference_matmul(x, sw)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), _want(x, sw), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t", [1, 6])
+def test_reference_gradient_and_jit_on_chunked_strategies(small_chunks, t):
+    sw = _sparse_cached(256, 256, HiNM(64, 0.5, 2, 4), jnp.float32, 0, False)
+    assert _xla.strategy(t, sw) == ("select" if t == 1 else "gather")
+    x = jax.random.normal(jax.random.key(0), (t, 256))
+    c = jax.random.normal(jax.random.key(1), (t, 256))
+    g = jax.jit(jax.grad(lambda x: jnp.sum(c * reference_matmul(x, sw))))(x)
+    want = np.asarray(c, np.float64) @ np.asarray(sw.densify(), np.float64).T  # d/dx sum(c * (x @ W))
+    np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-5)
+    y = jax.jit(lambda x, w: hinm_jax.sparse_matmul(x, w, implementation="xla"))(x, sw)
+    np.testing.assert_allclose(np.asarray(y), _want(x, sw), rtol=1e-5, atol=1e-5)
+
+
+def test_strategy_heuristic():
+    big = _sparse(512, 256, HiNM(64, 0.5, 2, 4), jnp.float32)
+    tiny = _sparse(64, 64, HiNM(32, 0.5, 2, 4), jnp.float32)
+    assert _xla.strategy(1, big) == "select"
+    assert [_xla.strategy(t, big) for t in (2, 16, 256)] == ["gather"] * 3
+    assert {_xla.strategy(t, tiny) for t in (1, 16)} == {"dense"}
+    assert set(_xla.STRATEGIES) == {"select", "gather", "dense"}
+
+
+def test_chunks_cover_the_rows_once():
+    for o, v, rows in [(256, 64, 100), (256, 64, 64), (256, 256, 100), (96, 32, 1000), (7, 7, 3)]:
+        chunks = _xla._chunks(o, v, rows)
+        assert [r for a, b in chunks for r in range(a, b)] == list(range(o))
+        for a, b in chunks:  # whole blocks, or pieces of one block
+            assert (a % v == 0 and (b % v == 0 or b == o)) or a // v == (b - 1) // v
+
+
+def test_opaque_ignores_its_predicate():
+    x = jnp.arange(6.0).reshape(2, 3)
+    for pred in (True, False):
+        np.testing.assert_array_equal(_xla._opaque(lambda a: a.T * 2, jnp.asarray(pred), x), x.T * 2)
