@@ -95,9 +95,10 @@ def _clean(score):
 
 
 def stripe_keep(s, n: int):
-    """Keeps the ``n`` highest of the last axis (ties: lowest index wins)."""
+    """Keeps the ``n`` highest of the last axis (ties: lowest index wins); ``n`` may
+    be traced."""
     m = s.shape[-1]
-    if n >= m:
+    if isinstance(n, int) and n >= m:
         return jnp.ones(s.shape, bool)
     i = jnp.arange(m)
     a = s[..., :, None]  # s_i
@@ -411,6 +412,13 @@ def apply_masks(params, masks):
         0.5
     """
 
+    return map_masked(lambda w, mask: jnp.where(mask, w, jnp.zeros((), w.dtype)), params, masks)
+
+
+def map_masked(fn, params, masks):
+    """``fn(w, mask)`` on every masked leaf (``mask`` the bool array), other leaves
+    unchanged; a mask whose shape differs from its leaf raises, naming the path."""
+
     def one(path, mask, w):
         if mask is None:
             return w
@@ -418,7 +426,7 @@ def apply_masks(params, masks):
             raise ValueError(
                 f"{path}: shape={tuple(w.shape)} but its mask ({mask.pattern}) has shape {tuple(mask.mask.shape)}"
             )
-        return jnp.where(mask.mask, w, jnp.zeros((), w.dtype))
+        return fn(w, mask.mask)
 
     return map_with_path(one, masks, params, is_leaf=is_mask_leaf, what="masks")
 

@@ -55,7 +55,19 @@ import optax
 
 from hinm_jax import _structure
 from hinm_jax._tree import is_mask_leaf, map_with_path, path_str
-from hinm_jax.masks import HSS, Layout, Mask, Unstructured, apply_masks, mask_from_layout, matrix_mask, prune
+from hinm_jax.masks import (
+    HSS,
+    Layout,
+    Mask,
+    Unstructured,
+    _clean,
+    apply_masks,
+    map_masked,
+    mask_from_layout,
+    matrix_mask,
+    prune,
+    stripe_keep,
+)
 from hinm_jax.scores import magnitude
 
 __all__ = [
@@ -122,26 +134,12 @@ def ste_apply(params, masks):
         [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
     """
 
-    def one(path, mask, w):
-        if mask is None:
-            return w
-        if tuple(mask.mask.shape) != tuple(w.shape):
-            raise ValueError(
-                f"{path}: shape={tuple(w.shape)} but its mask ({mask.pattern}) has shape {tuple(mask.mask.shape)}"
-            )
-        return _ste(w, mask.mask)
-
-    return map_with_path(one, masks, params, is_leaf=is_mask_leaf, what="masks")
+    return map_masked(_ste, params, masks)
 
 
 # ---------------------------------------------------------------------------------------
 # Masks at traced sparsity levels (the pattern is static; its levels need not be)
 # ---------------------------------------------------------------------------------------
-
-
-def _clean(score):
-    score = jnp.asarray(score, jnp.float32)
-    return jnp.where(jnp.isnan(score), -jnp.inf, score)
 
 
 def _explicit_sharding(x):
@@ -173,16 +171,6 @@ def _shard_like(x, ref):
     return x if sharding is None else jax.sharding.reshard(x, sharding)
 
 
-def _stripe_keep(s, n):
-    """Keeps the ``n`` highest of the last axis, ``n`` possibly traced (ties: lowest index)."""
-    m = s.shape[-1]
-    i = jnp.arange(m)
-    a = s[..., :, None]
-    b = s[..., None, :]
-    beats = (b > a) | ((b == a) & (i[None, :] < i[:, None]))
-    return jnp.sum(beats, axis=-1) < n
-
-
 def _rank(score):
     """Rank of each entry along the last axis, best first (ties: lowest index first)."""
     order = jnp.argsort(-score, axis=-1, stable=True).astype(jnp.int32)
@@ -198,7 +186,7 @@ def _nm_blocks(g, n, m):
     """The N:M choice on blocked scores ``(nb, L, V)`` (``L`` a multiple of ``m``),
     ``n`` possibly traced: a bool ``(nb, L, V)``."""
     nb, length, v = g.shape
-    keep = _stripe_keep(jnp.moveaxis(g.reshape(nb, length // m, m, v), 2, 3), n)  # (nb, J, V, m)
+    keep = stripe_keep(jnp.moveaxis(g.reshape(nb, length // m, m, v), 2, 3), n)  # (nb, J, V, m)
     return jnp.moveaxis(keep, 3, 2).reshape(g.shape)
 
 
