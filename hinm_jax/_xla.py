@@ -5,9 +5,10 @@ returning ``(T, O)`` with the columns in *packed* order (column ``r`` is output 
 ``row_perm[r]``); :func:`matmul` picks one per shape (:func:`strategy`) and undoes the
 permutation:
 
-- ``"select"`` (one token): for each kept value, select its activation among the ``m`` of
-  its stripe and multiply; one pass over ``values`` and ``metadata``, about a quarter of
-  the bytes a dense GEMV reads, and no expanded weight is ever built.
+- ``"select"`` (one token): for each kept value, select its activation among the
+  candidates of its stripe and multiply; one pass over ``values`` and ``metadata`` (a
+  quarter of the bytes a dense GEMV reads for HiNM at 25% density, half for 2:4), and no
+  expanded weight is ever built.
 - ``"gather"`` (several tokens): for a chunk of packed rows, expand the values to tiles
   ``(rows, K_v)``, gather the chunk's blocks' kept activation rows ``(K_v, T)`` and
   multiply them with one batched dot: ``T * O * K_v`` multiply-adds instead of
@@ -18,8 +19,9 @@ How XLA:CPU shapes this code (measured on a 2-core machine, ``benchmarks/spmm_cp
 
 - Large temporaries are slow: glibc returns buffers of 32 MiB and more to the system
   after each call, and touching fresh pages costs about as much as the arithmetic. So the
-  weight is processed in static chunks of a few MiB, and each chunk's work is sequenced
-  after the previous chunk so that XLA reuses one chunk's buffers for the next.
+  weight is processed in equal chunks of a few MiB, and each chunk's work is sequenced
+  after the previous chunk so that XLA reuses one chunk's buffers for the next. Up to
+  ``_MAX_UNROLLED`` chunks are unrolled; beyond, a ``lax.scan`` keeps compiling fast.
 - XLA fuses freely and cannot be told not to (``optimization_barrier`` is removed before
   fusion on CPU): unpacking the metadata or transposing ``x`` inside every consumer, or
   reading a dynamic slice inside a fusion, costs several times the arithmetic.
@@ -48,8 +50,6 @@ Example:
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +75,8 @@ _SELECT_STRIPES = 2
 # Tokens per slice: longer inputs are cut so that one block's gathered activations
 # (``K_v * T``) stay small.
 _MAX_TOKENS = 512
+# Chunks up to which the chunk loop is unrolled (beyond, a scan keeps compiling fast).
+_MAX_UNROLLED = 24
 # Weights with at most this many dense entries just densify: the fewest thunks.
 _DENSE_MAX_ENTRIES = 1 << 16
 
@@ -105,16 +107,18 @@ def _dot(a, b, dims, acc):
 
 
 def strategy(t: int, w: SparseWeight) -> str:
-    """The strategy :func:`matmul` uses for ``t`` tokens (a static, documented rule, no
-    timing at run time).
+    """The strategy :func:`matmul` uses for ``t`` tokens: a static rule, no timing at
+    run time (measured with ``benchmarks/spmm_cpu.py``, 2-core x86, K=4096, O=4096/11008).
 
-    - tiny weights (at most ``2**16`` dense entries): ``"dense"``;
-    - one token: ``"select"``: it reads only the compressed weight, and a GEMV is bound by
-      the bytes it reads;
-    - otherwise ``"gather"``: expanding a chunk costs ``O(rows * K_v)`` once, and every
-      token then runs at dot speed on ``K_v`` instead of ``K`` inputs. (The dense product
-      with the densified weight does ``K / K_v`` times the work and needs the whole
-      ``(K, O)`` weight as a temporary, which on CPU costs more than it saves.)
+    - tiny weights (at most ``2**16`` dense entries): ``"dense"``, the fewest operations;
+    - one token: ``"select"``. A GEMV is bound by the bytes it reads, and this reads only
+      the compressed weight; its cost grows with every token, so already at two tokens
+      ``"gather"`` is faster.
+    - otherwise ``"gather"``: expanding a chunk costs ``O(rows * K_v)`` once, then every
+      token runs at dot speed on ``K_v`` inputs instead of ``K``. A dense product with the
+      densified weight is never chosen above the tiny size: it does ``K / K_v`` times the
+      work (as much for plain N:M, where ``K_v = K``) and needs the whole ``(K, O)`` weight
+      as a temporary (64 MiB and more here), whose fresh pages cost more than the product.
     """
     k, o = w.matrix_shape
     if k * o <= _DENSE_MAX_ENTRIES:
@@ -133,12 +137,6 @@ def _opaque(fn, pred, *args):
     real buffers, and the conditional waits for ``pred``'s producer.
     """
     return jax.lax.cond(pred, fn, fn, *args)
-
-
-def _after(y):
-    """A runtime boolean scalar computed from ``y`` (to order the next chunk after it)."""
-    v = y.reshape(-1)[0]
-    return v == v
 
 
 def _positions(metadata, m: int, nnz: int):
@@ -207,16 +205,43 @@ def _select_rows(values, pos, xs, n: int, m: int, acc):
     return jnp.sum(total, axis=-1).reshape(rows)
 
 
-def _chunks(o: int, v: int, rows: int):
-    """Static ``(r0, r1)`` chunks of packed rows: whole blocks when ``rows >= v``,
-    otherwise pieces of one block."""
-    if rows >= v:
-        rows = rows // v * v
-        return [(r0, min(o, r0 + rows)) for r0 in range(0, o, rows)]
-    out = []
-    for b0 in range(0, o, v):
-        out += [(r0, min(b0 + v, r0 + rows)) for r0 in range(b0, min(o, b0 + v), rows)]
-    return out
+def _chunk_rows(o: int, v: int, nb: int, rows_max: int) -> int:
+    """Packed rows per chunk, at most ``rows_max`` (at least one row): whole blocks (a
+    divisor of the block count) when a block fits, otherwise a divisor of the block size.
+    Every chunk then has the same size and lies in whole blocks or inside one block."""
+    if rows_max >= v:
+        return _largest_divisor(nb, rows_max // v) * v
+    return _largest_divisor(v, max(1, rows_max))
+
+
+def _chunk_blocks(o: int, v: int, rows: int):
+    """Static ``(chunks, blocks per chunk)`` int array: the blocks each chunk's rows are in."""
+    nc, g = o // rows, max(1, rows // v)
+    return (np.arange(nc)[:, None] * rows) // v + np.arange(g)[None, :]
+
+
+def _map_chunks(nc: int, pred, unrolled, scanned, chunked):
+    """Runs chunks ``0 .. nc-1`` one after the other and stacks their results.
+
+    Up to ``_MAX_UNROLLED`` chunks: ``unrolled(c, pred)`` for each static ``c``, each
+    ordered after the previous one (its ``pred`` comes from that chunk's output); static
+    slices of the weight then feed the fusions directly. More chunks: one ``lax.scan``
+    (the compile time stays flat) whose body calls ``scanned(*chunk)`` with
+    ``chunk = tuple(a[c] for a in chunked)``; ``scanned`` must do its work inside
+    :func:`_opaque`, since fusions that read a dynamic slice do not vectorise.
+    """
+    if nc <= _MAX_UNROLLED:
+        ys = []
+        for c in range(nc):
+            ys.append(unrolled(c, pred if c == 0 else _first(ys[-1])))
+        return jnp.stack(ys)
+    return jax.lax.scan(lambda carry, chunk: (carry, scanned(*chunk)), None, chunked)[1]
+
+
+def _first(a):
+    """A runtime boolean scalar computed from ``a`` (for :func:`_opaque`)."""
+    v = a.reshape(-1)[0]
+    return v == v
 
 
 def _geometry(w: SparseWeight):
@@ -234,22 +259,27 @@ def _select_rows_of(x, w: SparseWeight):
     n, m = w.n, w.m
     _, acc = _compute_dtypes(x, w)
     j = kv // m
-    # Block b's activations, position-major: xs[b, p, j] = x[vector_index[b, j*m + p]].
-    order = w.vector_index.reshape(nb, j, m).transpose(0, 2, 1)
-    rows = max(1, _SELECT_CHUNK_VALUES // nnz)
-    pred = w.vector_index[0, 0] >= 0
-    ys = []
-    for r0, r1 in _chunks(o, v, rows):
-        b0, b1 = r0 // v, -(-r1 // v)
+    rows = _chunk_rows(o, v, nb, _SELECT_CHUNK_VALUES // nnz)
+    nc = o // rows
+    # Each chunk's blocks' activations, position-major: xs[c, g, p, j] = x[vector_index[b, j*m + p]].
+    order = w.vector_index.reshape(nb, j, m).transpose(0, 2, 1)[_chunk_blocks(o, v, rows)]
 
-        def prep(meta, order, x, r0=r0, r1=r1, b0=b0, b1=b1):
-            return _positions(meta[r0:r1], m, nnz), x[0][order[b0:b1]]
+    def unrolled(c, pred):
+        def prep(meta, order, x):
+            return _positions(meta[c * rows : (c + 1) * rows], m, nnz), x[0][order[c]]
 
         pos, xs = _opaque(prep, pred, w.metadata, order, x)
-        y = _select_rows(w.values[r0:r1], pos, xs, n, m, acc)
-        ys.append(y)
-        pred = _after(y)
-    return jnp.concatenate(ys)
+        return _select_rows(w.values[c * rows : (c + 1) * rows], pos, xs, n, m, acc)
+
+    def scanned(values, meta, order):
+        def work(values, meta, order, x):
+            pos = _opaque(lambda a: _positions(a, m, nnz), _first(values), meta)
+            return _select_rows(values, pos, x[0][order], n, m, acc)
+
+        return _opaque(work, _first(values), values, meta, order, x)
+
+    chunked = (w.values.reshape(nc, rows, nnz), w.metadata.reshape(nc, rows, -1), order)
+    return _map_chunks(nc, w.vector_index[0, 0] >= 0, unrolled, scanned, chunked).reshape(o)
 
 
 def _gather_rows_of(x, w: SparseWeight):
@@ -262,32 +292,42 @@ def _gather_rows_of(x, w: SparseWeight):
     n, m = w.n, w.m
     dt, acc = _compute_dtypes(x, w)
     item = jnp.dtype(dt).itemsize
-    # Whole blocks per chunk when a block fits, each block's activations gathered in its
-    # chunk; otherwise pieces of a block, which share its activations.
-    rows = max(1, _CHUNK_BYTES // (kv * item))
-    whole = rows >= v
-    if whole:
-        rows = max(v, _CHUNK_BYTES // (kv * (v + t) * item) * v)
+    # Whole blocks per chunk when a block's tiles and activations fit, each chunk gathering
+    # its blocks' activations; otherwise pieces of a block.
+    if _CHUNK_BYTES >= kv * (v + t) * item:
+        rows = _chunk_rows(o, v, nb, _CHUNK_BYTES // (kv * (v + t) * item) * v)
+    else:
+        rows = _chunk_rows(o, v, nb, min(v - 1, _CHUNK_BYTES // (kv * item)))
+    nc, g = o // rows, max(1, rows // v)
     pred = w.vector_index[0, 0] >= 0
     # x.T materialised once: gathering its rows moves contiguous T-wide rows.
     xt = _opaque(lambda x: x.T.astype(dt).reshape(-1), pred, x).reshape(k, t)
-    ys, xg, xg_block = [], None, None
-    for r0, r1 in _chunks(o, v, rows):
-        b0, b1 = r0 // v, -(-r1 // v)
-        gather = xg_block != b0 or whole
+    blocks = w.vector_index[_chunk_blocks(o, v, rows)]  # (chunks, g, K_v)
+    shared = nb == 1  # plain N:M: every chunk multiplies the same activations
+    if shared:
+        xt = _opaque(lambda vi, xt: xt[vi], pred, w.vector_index, xt)  # (1, K_v, T)
 
-        def prep(meta, vi, xt, r0=r0, r1=r1, b0=b0, b1=b1, gather=gather):
-            pos = _positions(meta[r0:r1], m, nnz)
-            return (pos, xt[vi[b0:b1]]) if gather else (pos,)
+    def product(values, pos, xg):
+        tiles = _expand(values, pos, n, m, dt).reshape(g, rows // g, kv)
+        return _dot(tiles, xg, (((2,), (1,)), ((0,), (0,))), acc).reshape(rows, t)
 
-        res = _opaque(prep, pred, w.metadata, w.vector_index, xt)
-        if gather:
-            xg, xg_block = res[1], b0  # (blocks, K_v, T)
-        tiles = _expand(w.values[r0:r1], res[0], n, m, dt).reshape(b1 - b0, -1, kv)
-        y = _dot(tiles, xg, (((2,), (1,)), ((0,), (0,))), acc).reshape(r1 - r0, t)
-        ys.append(y)
-        pred = _after(y)
-    return jnp.concatenate(ys)
+    def unrolled(c, pred):
+        def prep(meta, blocks, xt):
+            pos = _positions(meta[c * rows : (c + 1) * rows], m, nnz)
+            return pos, (xt if shared else xt[blocks[c]])
+
+        pos, xg = _opaque(prep, pred, w.metadata, blocks, xt)
+        return product(w.values[c * rows : (c + 1) * rows], pos, xg)
+
+    def scanned(values, meta, blocks):
+        def work(values, meta, blocks, xt):
+            pos = _opaque(lambda a: _positions(a, m, nnz), _first(values), meta)
+            return product(values, pos, xt if shared else xt[blocks])
+
+        return _opaque(work, _first(values), values, meta, blocks, xt)
+
+    chunked = (w.values.reshape(nc, rows, nnz), w.metadata.reshape(nc, rows, -1), blocks)
+    return _map_chunks(nc, pred, unrolled, scanned, chunked).reshape(o, t)
 
 
 def select_path(x, w: SparseWeight):

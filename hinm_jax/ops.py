@@ -64,12 +64,6 @@ def _dense_path(x, w: SparseWeight):
     return _xla.dense_path(x, w)
 
 
-def _select_path(x, w: SparseWeight):
-    """Per token, each kept value times its selected activation: ``(T, K)`` -> ``(T, O)``,
-    columns in packed order."""
-    return _xla.select_path(x, w)
-
-
 def reference_matmul(x, w: SparseWeight):
     """The pure-jnp reference: ``x @ w.densify()`` for ``x`` of shape ``(T, K)``.
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import hinm_jax
-from hinm_jax import NM, HiNM, VectorWise
+from hinm_jax import NM, HiNM, VectorWise, _xla
 from hinm_jax.ops import reference_matmul
 
 
@@ -164,7 +164,6 @@ def test_bad_inputs():
 
 # --- the reference strategies (hinm_jax._xla) -------------------------------------------
 
-from hinm_jax import _xla  # noqa: E402
 
 STRATEGY_CASES = [  # (K, O, pattern, shuffle_nm): every strategy must handle all of them
     (256, 256, HiNM(64, 0.5, 2, 4), False),
@@ -184,6 +183,7 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(_xla, "_SELECT_CHUNK_VALUES", 3000)
     monkeypatch.setattr(_xla, "_MAX_TOKENS", 48)
     monkeypatch.setattr(_xla, "_DENSE_MAX_ENTRIES", 0)
+    monkeypatch.setattr(_xla, "_MAX_UNROLLED", 4)
     _xla._matmul.clear_cache()
     yield
     _xla._matmul.clear_cache()
@@ -198,13 +198,23 @@ def _want(x, sw):
     return np.asarray(x, np.float64) @ np.asarray(sw.densify(), np.float64)
 
 
-PATH_TOKENS = [("select", 1), ("select", 2)] + [("gather", t) for t in (1, 2, 7, 64)] + [("dense", 7)]
+# (strategy, tokens, chunk loop): each strategy runs both its unrolled and its scanned loop.
+PATH_TOKENS = [
+    ("select", 1, "unrolled"),
+    ("select", 2, "scanned"),
+    ("gather", 1, "scanned"),
+    ("gather", 2, "unrolled"),
+    ("gather", 7, "scanned"),
+    ("gather", 64, "unrolled"),
+    ("dense", 7, None),
+]
 
 
-@pytest.mark.parametrize("path, t", PATH_TOKENS)
+@pytest.mark.parametrize("path, t, loop", PATH_TOKENS)
 @pytest.mark.parametrize("k, o, pattern, shuffle_nm", STRATEGY_CASES)
-def test_every_strategy_matches_float64(small_chunks, path, t, k, o, pattern, shuffle_nm):
+def test_every_strategy_matches_float64(small_chunks, monkeypatch, path, t, loop, k, o, pattern, shuffle_nm):
     """Each strategy, with π permuted and σ shuffled, equals the float64 product."""
+    monkeypatch.setattr(_xla, "_MAX_UNROLLED", 0 if loop == "scanned" else 1000)
     sw = _sparse_cached(k, o, pattern, jnp.float32, 0, shuffle_nm)
     x = jax.random.normal(jax.random.key(t), (t, k))
     fn = {"select": _xla.select_path, "gather": _xla.gather_path, "dense": _xla.dense_path}[path]
@@ -262,12 +272,15 @@ def test_strategy_heuristic():
     assert set(_xla.STRATEGIES) == {"select", "gather", "dense"}
 
 
-def test_chunks_cover_the_rows_once():
-    for o, v, rows in [(256, 64, 100), (256, 64, 64), (256, 256, 100), (96, 32, 1000), (7, 7, 3)]:
-        chunks = _xla._chunks(o, v, rows)
-        assert [r for a, b in chunks for r in range(a, b)] == list(range(o))
-        for a, b in chunks:  # whole blocks, or pieces of one block
-            assert (a % v == 0 and (b % v == 0 or b == o)) or a // v == (b - 1) // v
+def test_chunks_are_equal_and_lie_in_whole_blocks_or_one_block():
+    for o, v, rows_max in [(256, 64, 100), (256, 64, 64), (256, 256, 100), (96, 32, 1000), (7, 7, 3), (688, 688, 100)]:
+        nb = o // v
+        rows = _xla._chunk_rows(o, v, nb, rows_max)
+        assert 1 <= rows <= max(rows_max, 1) and o % rows == 0
+        assert rows % v == 0 or v % rows == 0
+        blocks = _xla._chunk_blocks(o, v, rows)
+        for c, bs in enumerate(blocks):  # the blocks chunk c's rows fall in
+            assert list(bs) == sorted({r // v for r in range(c * rows, (c + 1) * rows)})
 
 
 def test_opaque_ignores_its_predicate():
