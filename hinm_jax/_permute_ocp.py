@@ -15,8 +15,12 @@ block, a layout that follows from the block's members alone:
 ``Q``, the best assignment of channels to blocks of ``V`` is a transportation problem,
 solved exactly by one ``linear_sum_assignment`` when it is small, else by assignment
 over random subsets of ``s`` members per block (every subset keeps the block sizes).
-Assignment and layout alternate to a fixed point (a descent), inside an iterated local
-search: perturb by random swaps of channels between blocks, descend, keep if better.
+Assignment and layout alternate to a fixed point (a descent). Then large-neighbourhood
+cycles: the blocks are cut at random into groups of up to ``group`` blocks; each group's
+channels are perturbed by random swaps and the group alone descends (all groups of all
+matrices in one batch); a group keeps its new channels if its value went up. Block
+values are additive, so every kept group raises the matrix's value. With a group as
+large as the matrix this is plain iterated local search.
 """
 
 from __future__ import annotations

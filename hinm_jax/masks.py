@@ -331,7 +331,9 @@ def prune(
       permute: ``None`` (identity layout), ``"ocp"``, ``"ivp"`` or ``"2cp"``: search a
         layout per matrix with :mod:`hinm_jax.permute` (eager; not under ``jit``).
       key: PRNG key for the permutation search.
-      permute_options: extra keyword arguments for :func:`hinm_jax.permute.search`.
+      permute_options: keyword arguments for :func:`hinm_jax.permute.search_tree`:
+        ``progress=``, ``budget=`` or any :class:`hinm_jax.permute.Budget` field, e.g.
+        ``{"ivp_rounds": 50}``.
 
     Returns:
       A pytree like ``params`` with a :class:`Mask` per pruned leaf and ``None`` elsewhere.

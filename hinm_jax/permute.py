@@ -8,18 +8,21 @@ searches layouts that keep more importance than the paper's rule with identity `
 ``σ``:
 
 - ``"ocp"``: output-channel permutation only; each block keeps the paper's ``K_v``
-  indices (best block sums) in ascending order. Iterated local search: channels are
-  assigned to blocks by an exact assignment problem on their N:M value in each block's
-  layout (the paper's Hungarian step, all channels at once), layouts follow the new
-  members, repeat to a fixed point; random swaps then kick it out of local optima.
+  indices (best block sums) in ascending order. Channels are assigned to blocks by an
+  exact assignment problem on their N:M value in each block's layout (the paper's
+  Hungarian step, for all channels at once), the layouts follow the new members, and
+  the two alternate to a fixed point; then random perturbations of groups of blocks,
+  each followed by such a descent, kept where they pay.
 - ``"ivp"``: identity ``π``; per block, the kept indices *and* their walk order (SPEC
   allows any ``K_v`` indices per block). Starting from the best block sums dealt
-  boustrophedon over the stripes, rounds of cyclic exchange: one position per stripe and
-  some unused indices are re-dealt by an assignment problem with exact gains.
+  boustrophedon over the stripes: rounds of cyclic exchange (one position per stripe and
+  some unused indices re-dealt by an assignment problem with exact gains) and of
+  re-splitting random pairs of stripes (all cuts, exact), with kicks out of local optima.
 - ``"2cp"``: both. The output-channel search scores a channel against each block's
   generic N:M layout (block sums dealt boustrophedon), which predicts what the
   input-vector search will reach without locking channels into layouts fitted to them;
-  then the input-vector search runs on the blocks found.
+  the input-vector search then runs on the blocks found, and a last exact assignment
+  moves channels to the searched layouts that suit them best.
 
 NM patterns have one block, so only the input order is searched (``"ivp"``, ``"2cp"``);
 VectorWise has no N:M step, so only the output channels (``"ocp"``, ``"2cp"``).
@@ -63,22 +66,28 @@ class Budget:
     a given key; ``time_limit`` makes the result depend on the machine's speed.
 
     Attributes:
-      ocp_cycles: perturbation cycles of the output-channel search after its first
-        descent (each: random swaps of ``ocp_perturb * O`` channels, then a descent).
+      ocp_cycles: large-neighbourhood cycles of the output-channel search after its
+        first descent (each: in random groups of ``ocp_group`` blocks, random swaps of
+        ``ocp_perturb`` of the group's channels, then a descent of the group alone).
       ocp_descent: most assignment/layout alternations per descent.
-      ocp_perturb: fraction of the output channels a perturbation moves.
+      ocp_perturb: fraction of a group's channels a perturbation moves.
       ocp_subset: largest assignment problem (channels) solved at once; more channels
         are assigned in random subsets of equal size per block.
-      ocp_group: blocks per group in a large-neighbourhood cycle.
-      ivp_rounds: most cyclic-exchange rounds of the input-vector search.
+      ocp_group: blocks per group in a cycle (a group as large as the matrix makes it
+        plain iterated local search).
+      ivp_rounds: most rounds of the input-vector search (each: a cyclic exchange,
+        and every other one a re-split of stripe pairs).
       ivp_group: most stripes in one exchange (assignment) problem.
       ivp_unused: most unused input indices offered to one exchange problem.
-      ivp_patience: stop the input-vector search after this many rounds without gain.
+      ivp_patience: a block of the input-vector search is stuck after this many
+        re-split rounds in a row without gain.
+      ivp_kicks: times a stuck block is perturbed (a few stripes dealt anew) and
+        searched again; the best layout seen is kept.
       time_limit: seconds per matrix (``None``: no limit); the output-channel search
         gets 40% of it. Rounds and cycles stop early when it runs out.
-      scale: shrink the counts above for matrices whose steps cost more than those of
-        a ``384 x 1536`` matrix (at least one of each), so that a ``4096 x 4096`` layer
-        takes seconds, not minutes. Deterministic.
+      scale: shrink the counts above for matrices whose steps cost more (at least one
+        of each; MiniLM's 384 x 384 layers get them in full), so that a 4096 x 4096
+        layer takes seconds, not minutes. Deterministic.
       batch: most matrices of one shape searched together (they move in lock-step, so
         on CPU one at a time is usually fastest).
     """
@@ -90,18 +99,19 @@ class Budget:
     ocp_group: int = 12
     ivp_rounds: int = 150
     ivp_group: int = 64
-    ivp_unused: int = 64
-    ivp_patience: int = 8
+    ivp_unused: int = 32
+    ivp_patience: int = 4
+    ivp_kicks: int = 4
     time_limit: float | None = None
     scale: bool = True
     batch: int = 1
 
     def __post_init__(self):
-        for name in ("ocp_cycles", "ocp_descent", "ivp_rounds", "ivp_unused", "ivp_patience"):
+        for name in ("ocp_cycles", "ocp_descent", "ivp_rounds", "ivp_unused", "ivp_kicks"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}={value!r}: must be an int >= 0")
-        for name in ("ocp_subset", "ocp_group", "ivp_group", "batch"):
+        for name in ("ocp_subset", "ocp_group", "ivp_group", "ivp_patience", "batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be an int >= 1")
@@ -187,9 +197,9 @@ def _finite(scores: np.ndarray) -> np.ndarray:
 # Work per step (elements touched) up to which the budget counts apply unscaled. Above
 # it, counts shrink: perturbation cycles and descent steps in proportion (they are worth
 # least on matrices with many blocks), exchange rounds with the 3/4 power.
-_OCP_CYCLE_WORK = 4e6  # one assignment/layout alternation, nb * K_v * O (MiniLM: <= 1.4e7)
+_OCP_CYCLE_WORK = 2e6  # one assignment/layout alternation, nb * K_v * O (MiniLM: <= 1.4e7)
 _OCP_STEP_WORK = 1.5e8
-_IVP_ROUND_WORK = 1e7  # one exchange round: nb * (J/G) * G * (G + u) * V (MiniLM: <= 9.4e6)
+_IVP_ROUND_WORK = 4e6  # one exchange round: nb * (J/G) * G * (G + u) * V (MiniLM: <= 9.4e6)
 
 
 def _scaled(budget: Budget, struct: BlockStructure, k: int, o: int) -> Budget:
@@ -260,9 +270,18 @@ def _search_batch(scores: np.ndarray, plan: _Plan, seeds: Sequence[Sequence[int]
         group=budget.ivp_group,
         unused=budget.ivp_unused,
         patience=budget.ivp_patience,
+        kicks=budget.ivp_kicks,
         deadline=None if limit is None else start + limit,
     )
-    return _no_worse(s, perms, cols.reshape(bsz, nb, kv), plan)
+    vidx = cols.reshape(bsz, nb, kv)
+    if plan.ocp and nb > 1:
+        # Final exact step: every channel against every block's searched layout; the
+        # assignment keeps the layouts, so it can only keep more. It fixes channels the
+        # output-channel search (in its proxy) left in the wrong block.
+        q = np.asarray(_permute_ocp.channel_values(s, jnp.asarray(vidx), n=n, m=m))
+        rng = [np.random.default_rng([*seed, 2]) for seed in seeds]
+        perms = np.stack([_permute_ocp.assign(q[i], perms[i], v, rng[i], cap=budget.ocp_subset) for i in range(bsz)])
+    return _no_worse(s, perms, vidx, plan)
 
 
 def _no_worse(s, perms, vidx, plan: _Plan):
@@ -360,11 +379,11 @@ def search_tree(
         >>> masks = hinm_jax.prune(params, "hinm:16:0.5:2:4", permute="2cp",
         ...                        permute_options={"progress": False})
         >>> masks["a"]["kernel"].layout.vector_index.shape
-        (4, 16)
+        (4, 32)
     """
     budget = _budget(budget, options)
     words = _seed_words(key)
-    leaves = []  # (path, stack, matrices (S, K, O), plan)
+    leaves = []  # (path, score, stack, K, O, plan, pattern); matrices are read when searched
     for path, score in todo:
         entry = plans[path]
         pattern = as_pattern(entry.pattern)
@@ -373,30 +392,33 @@ def search_tree(
         if len(shape) - stack_axes < 2:
             raise ValueError(f"{path}: shape={shape} pattern {pattern}: needs 2 axes after stack_axes={stack_axes}")
         stack, k, o = _structure.matrix_shape(shape, stack_axes)
-        plan = _plan(pattern, method, shape, k, o, path)
-        leaves.append((path, stack, _finite(np.asarray(score)).reshape((-1, k, o)), plan, pattern))
+        leaves.append((path, score, stack, k, o, _plan(pattern, method, shape, k, o, path), pattern))
 
+    def matrix(i, j):
+        _, score, _, k, o, _, _ = leaves[i]
+        return _finite(np.asarray(score).reshape((-1, k, o))[j])
+
+    count = [int(np.prod(stack)) for _, _, stack, _, _, _, _ in leaves]
     groups: dict[tuple, list[tuple[int, int]]] = {}
-    for i, (_, _, mats, plan, _) in enumerate(leaves):
-        groups.setdefault((mats.shape[1:], plan), []).extend((i, j) for j in range(mats.shape[0]))
-    perms = [np.zeros((mats.shape[0], mats.shape[2]), np.int32) for _, _, mats, _, _ in leaves]
-    vidx = [np.zeros((mats.shape[0],) + _nb_kv(plan, mats.shape[2]), np.int32) for _, _, mats, plan, _ in leaves]
-    left = [mats.shape[0] for _, _, mats, _, _ in leaves]
+    for i, (_, _, _, k, o, plan, _) in enumerate(leaves):
+        groups.setdefault((k, o, plan), []).extend((i, j) for j in range(count[i]))
+    perms = [np.zeros((count[i], o), np.int32) for i, (_, _, _, _, o, _, _) in enumerate(leaves)]
+    vidx = [np.zeros((count[i],) + _nb_kv(plan, o), np.int32) for i, (_, _, _, _, o, plan, _) in enumerate(leaves)]
+    left = list(count)
 
-    total = sum(left)
-    bar = _progress_bar(total, method, progress)
+    bar = _progress_bar(sum(count), method, progress)
     try:
-        for (_, plan), items in groups.items():
+        for (_, _, plan), items in groups.items():
             for c in range(0, len(items), budget.batch):
                 chunk = items[c : c + budget.batch]
-                mats = np.stack([leaves[i][2][j] for i, j in chunk])
+                mats = np.stack([matrix(i, j) for i, j in chunk])
                 p, vi = _search_batch(mats, plan, [words + [i, j] for i, j in chunk], budget)
                 for t, (i, j) in enumerate(chunk):
                     perms[i][j], vidx[i][j] = p[t], vi[t]
                     left[i] -= 1
                     if left[i] == 0 and bar is not None:
-                        path, stack, leaf_mats, _, pattern = leaves[i]
-                        eff = efficacy(leaf_mats, pattern, Layout(perms[i], vidx[i]))
+                        path, score, _, k, o, _, pattern = leaves[i]
+                        eff = efficacy(np.asarray(score).reshape((-1, k, o)), pattern, Layout(perms[i], vidx[i]))
                         bar.set_postfix_str(f"{path}: efficacy {eff:.1f}%", refresh=False)
                 if bar is not None:
                     bar.update(len(chunk))
@@ -405,11 +427,10 @@ def search_tree(
             bar.close()
 
     out = {}
-    for i, (path, stack, mats, plan, _) in enumerate(leaves):
-        nb_kv = vidx[i].shape[1:]
+    for i, (path, _, stack, _, o, plan, _) in enumerate(leaves):
         out[path] = Layout(
-            jnp.asarray(perms[i].reshape(stack + (mats.shape[2],)), jnp.int32),
-            jnp.asarray(vidx[i].reshape(stack + nb_kv), jnp.int32),
+            jnp.asarray(perms[i].reshape(stack + (o,)), jnp.int32),
+            jnp.asarray(vidx[i].reshape(stack + vidx[i].shape[1:]), jnp.int32),
         )
     return out
 
