@@ -38,7 +38,7 @@ import numpy as np
 
 from hinm_jax import _structure
 from hinm_jax._tree import is_mask_leaf, map_with_path
-from hinm_jax.masks import Mask
+from hinm_jax.masks import Mask, check_mask_shape
 from hinm_jax.patterns import Pattern
 
 __all__ = ["SparseWeight", "compress", "pack_for", "metadata_bits", "pack_metadata", "unpack_metadata"]
@@ -210,8 +210,7 @@ def _compress_leaf(path: str, w, mask: Mask) -> SparseWeight:
             f"{path}: shape={tuple(w.shape)} pattern {pattern}: this pattern has no compressed "
             "format (HiNM, NM and VectorWise do); keep it dense with apply_masks"
         )
-    if tuple(mask.mask.shape) != tuple(w.shape):
-        raise ValueError(f"{path}: shape={tuple(w.shape)} but the mask has shape {tuple(mask.mask.shape)}")
+    check_mask_shape(path, mask, w)
     fn = lambda a, b, rp, vi: _compress_matrix(a, b, rp, vi, struct.n, struct.m)
     for _ in stack:
         fn = jax.vmap(fn)

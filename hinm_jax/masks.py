@@ -417,6 +417,14 @@ def apply_masks(params, masks):
     return map_masked(lambda w, mask: jnp.where(mask, w, jnp.zeros((), w.dtype)), params, masks)
 
 
+def check_mask_shape(path: str, mask: Mask, w) -> None:
+    """Raises a ``ValueError`` naming ``path`` when ``mask`` does not fit leaf ``w``."""
+    if tuple(mask.mask.shape) != tuple(w.shape):
+        raise ValueError(
+            f"{path}: shape={tuple(w.shape)} but its mask ({mask.pattern}) has shape {tuple(mask.mask.shape)}"
+        )
+
+
 def map_masked(fn, params, masks):
     """``fn(w, mask)`` on every masked leaf (``mask`` the bool array), other leaves
     unchanged; a mask whose shape differs from its leaf raises, naming the path."""
@@ -424,10 +432,7 @@ def map_masked(fn, params, masks):
     def one(path, mask, w):
         if mask is None:
             return w
-        if tuple(mask.mask.shape) != tuple(w.shape):
-            raise ValueError(
-                f"{path}: shape={tuple(w.shape)} but its mask ({mask.pattern}) has shape {tuple(mask.mask.shape)}"
-            )
+        check_mask_shape(path, mask, w)
         return fn(w, mask.mask)
 
     return map_with_path(one, masks, params, is_leaf=is_mask_leaf, what="masks")

@@ -62,6 +62,7 @@ from hinm_jax.masks import (
     Unstructured,
     _clean,
     apply_masks,
+    check_mask_shape,
     map_masked,
     mask_from_layout,
     matrix_mask,
@@ -441,10 +442,7 @@ def refresh(
     def one(path, mask, w):
         if mask is None:
             return None
-        if tuple(mask.mask.shape) != tuple(w.shape):
-            raise ValueError(
-                f"{path}: shape={tuple(w.shape)} but its mask ({mask.pattern}) has shape {tuple(mask.mask.shape)}"
-            )
+        check_mask_shape(path, mask, w)
         return _leaf_refresh(path, mask, w, score, mode, vfrac, nfrac)
 
     return map_with_path(one, masks, params, is_leaf=is_mask_leaf, what="masks")
@@ -599,8 +597,8 @@ def _flat(masks):
 
 
 def _checked(path, mask, w):
-    if mask is not None and tuple(mask.mask.shape) != tuple(w.shape):
-        raise ValueError(f"{path}: shape={tuple(w.shape)} but its mask ({mask.pattern}) has shape {tuple(mask.mask.shape)}")
+    if mask is not None:
+        check_mask_shape(path, mask, w)
     return mask
 
 
