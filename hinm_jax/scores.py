@@ -48,14 +48,25 @@ def _tuple(x):
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def _dense_sumsq(x, axis, path):
+def _dense_sumsq(x, axis, path, weights=None):
     """Sum of squares of ``x`` over every axis but the contracted ones (in ``axis``
-    order): the input features of a dense layer."""
+    order): the input features of a dense layer; each row scaled by its weight."""
     x = jnp.asarray(x, jnp.float32)
     axis = _normalize(_tuple(axis), x.ndim)
     n = len(axis)
     xt = jnp.moveaxis(x, axis, tuple(range(x.ndim - n, x.ndim)))
-    return jnp.sum(jnp.square(xt), axis=tuple(range(x.ndim - n)))
+    sq = jnp.square(xt)
+    if weights is not None:
+        lead = xt.shape[: x.ndim - n]
+        try:
+            w = jnp.broadcast_to(jnp.asarray(weights, jnp.float32), lead)
+        except ValueError:
+            raise ValueError(
+                f"{path}: row_weights shape={tuple(jnp.shape(weights))} does not broadcast to the "
+                f"input's rows {tuple(lead)}"
+            ) from None
+        sq = sq * w.reshape(lead + (1,) * n)
+    return jnp.sum(sq, axis=tuple(range(x.ndim - n)))
 
 
 def _conv_sumsq(x, module):
@@ -92,14 +103,16 @@ def _linen_kind(module):
     return None
 
 
-def _module_sumsq(kind, module, x, path):
+def _module_sumsq(kind, module, x, path, weights=None):
     if kind == "dense":
-        return _dense_sumsq(x, (-1,), path)
+        return _dense_sumsq(x, (-1,), path, weights)
     if kind == "dense_general":
         batch = getattr(module, "batch_dims", None) or getattr(module, "batch_axis", None)
         if batch:
             raise ValueError(f"{path}: DenseGeneral/LinearGeneral with batch axes: input norms are not captured")
-        return _dense_sumsq(x, module.axis, path)
+        return _dense_sumsq(x, module.axis, path, weights)
+    if weights is not None:
+        raise ValueError(f"{path}: row_weights are for dense layers; a convolution's patches have other rows")
     return _conv_sumsq(x, module)
 
 
@@ -116,7 +129,7 @@ def _finish(sums: Mapping[str, Any], modules: Mapping[str, Any]) -> dict[str, ja
     return out
 
 
-def _linen_norms(model, batches, variables, call):
+def _linen_norms(model, batches, variables, call, row_weights):
     import flax.linen as nn
 
     if variables is None:
@@ -125,6 +138,7 @@ def _linen_norms(model, batches, variables, call):
 
     def stats(variables, batch):
         sums = {}
+        weights = None if row_weights is None else row_weights(batch)
 
         def record(next_fun, args, kwargs, context):
             mod = context.module
@@ -132,7 +146,7 @@ def _linen_norms(model, batches, variables, call):
             if kind is not None and args:
                 mpath = "/".join(str(p) for p in mod.scope.path)
                 path = f"{mpath}/kernel" if mpath else "kernel"
-                s = _module_sumsq(kind, mod, args[0], path)
+                s = _module_sumsq(kind, mod, args[0], path, weights)
                 sums[path] = sums[path] + s if path in sums else s
                 modules[path] = mod
             return next_fun(*args, **kwargs)
@@ -151,13 +165,15 @@ def _linen_norms(model, batches, variables, call):
     return _finish(total, modules)
 
 
-def _nnx_norms(model, batches, call):
+def _nnx_norms(model, batches, call, row_weights):
     from flax import nnx
 
     from hinm_jax.select import replace_modules
 
     class _InputSumSq(nnx.Variable):
         pass
+
+    batch_weights = {}  # this batch's row weights, set while tracing the step below
 
     class _Probe(nnx.Module):
         def __init__(self, inner, path, kind, shape):
@@ -167,7 +183,7 @@ def _nnx_norms(model, batches, call):
             self.sumsq = _InputSumSq(jnp.zeros(shape, jnp.float32))
 
         def __call__(self, x, *args, **kwargs):
-            s = _module_sumsq(self.kind, self.inner, x, f"{self.path}/kernel")
+            s = _module_sumsq(self.kind, self.inner, x, f"{self.path}/kernel", batch_weights.get("w"))
             self.sumsq.set_value(self.sumsq.get_value() + s)
             return self.inner(x, *args, **kwargs)
 
@@ -181,7 +197,13 @@ def _nnx_norms(model, batches, call):
         return None
 
     probed = replace_modules(nnx.clone(model), probe)
-    step = nnx.jit(lambda m, batch: call(m, batch))
+
+    def run(m, batch):
+        if row_weights is not None:
+            batch_weights["w"] = row_weights(batch)
+        return call(m, batch)
+
+    step = nnx.jit(run)
     n = 0
     for batch in batches:
         step(probed, batch)
@@ -207,6 +229,7 @@ def input_norms(
     variables=None,
     *,
     call: Callable[[Callable, Any], Any] | None = None,
+    row_weights: Callable[[Any], Any] | None = None,
 ) -> dict[str, jax.Array]:
     """The L2 norm of every input feature of every dense/conv layer over calibration
     data, captured by running the unmodified model.
@@ -218,6 +241,9 @@ def input_norms(
       call: ``call(f, batch)`` runs the model ``f`` (``model.apply`` bound to the
         variables, or the nnx model) on one batch; default ``f(batch)``. Use it for
         other signatures, e.g. ``lambda f, b: f(b["image"], train=False)``.
+      row_weights: ``row_weights(batch)``, a weight per input row broadcast against a
+        dense layer's leading input axes (e.g. a ``(B, T)`` attention mask, so that
+        padding tokens do not count); dense layers only.
 
     Returns:
       ``{kernel path: norms}``, norms shaped like the kernel's input axes: ``(K,)`` for
@@ -238,9 +264,9 @@ def input_norms(
 
     call = call or _default_call
     if isinstance(model, nn.Module):
-        return _linen_norms(model, batches, variables, call)
+        return _linen_norms(model, batches, variables, call, row_weights)
     if isinstance(model, nnx.Module):
-        return _nnx_norms(model, batches, call)
+        return _nnx_norms(model, batches, call, row_weights)
     raise ValueError(f"model: expected a flax linen or nnx Module, got {type(model).__name__}")
 
 

@@ -45,6 +45,31 @@ def test_linen_input_norms_are_the_activation_norms():
     np.testing.assert_allclose(norms["Dense_1/kernel"], jnp.linalg.norm(h, axis=0), rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_input_norms_row_weights_drop_padding_rows(kind):
+    """Rows with weight 0 (padding) do not count; weight 4 counts a row twice in norm."""
+    batches = [_normal((4, 16), seed=i) for i in range(2)]
+    padded = [jnp.concatenate([b, 50.0 * _normal((2, 16), seed=9)]) for b in batches]
+    weights = lambda b: jnp.arange(b.shape[0]) < 4  # noqa: E731
+    if kind == "linen":
+        model = MLP()
+        params = _random_like(jax.eval_shape(model.init, jax.random.key(0), batches[0])["params"])
+        args = (model, {"params": params})
+    else:
+        model = nnx.Sequential(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(32, 16, rngs=nnx.Rngs(1)))
+        args = (model, None)
+    want = scores.input_norms(args[0], batches, args[1])
+    got = scores.input_norms(args[0], padded, args[1], row_weights=weights)
+    assert sorted(got) == sorted(want)
+    for path in want:
+        np.testing.assert_allclose(got[path], want[path], rtol=1e-5)
+    doubled = scores.input_norms(args[0], batches, args[1], row_weights=lambda b: 4.0)
+    for path in want:
+        np.testing.assert_allclose(doubled[path], 2 * want[path], rtol=1e-5)
+    with pytest.raises(ValueError, match=r"row_weights shape=\(3,\)"):
+        scores.input_norms(args[0], batches, args[1], row_weights=lambda b: jnp.ones(3))
+
+
 def test_wanda_as_score_in_prune_equals_the_explicit_score_tree():
     model = MLP()
     batches = [_normal((8, 16), seed=i) for i in range(2)]
