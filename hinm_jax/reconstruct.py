@@ -314,9 +314,8 @@ def reconstruct(
     current = dict(leaves)
     bias_of = {p: p[: -len("kernel")] + "bias" for p in masked}
     augment = {p: fit_bias and bias_of[p] in leaves for p in masked}
-    need_dense = target == "dense" and sequential
 
-    def stats(cur, dense, batch, paths):
+    def stats(cur, dense, batch, paths, cross):
         xs: dict[str, list] = {p: [] for p in paths}
         xd: dict[str, list] = {p: [] for p in paths}
         weights = None if row_weights is None else row_weights(batch)
@@ -329,13 +328,13 @@ def reconstruct(
             return record
 
         run(cur, batch, recorder(xs))
-        if need_dense:
+        if cross:
             run(dense, batch, recorder(xd))
         out = {}
         for p in paths:
             a = jnp.concatenate(xs[p], 0)
             h = jnp.matmul(a.T, a, precision=_HIGHEST)
-            out[p] = (h, jnp.matmul(a.T, jnp.concatenate(xd[p], 0), precision=_HIGHEST) if need_dense else h)
+            out[p] = (h, jnp.matmul(a.T, jnp.concatenate(xd[p], 0), precision=_HIGHEST) if cross else h)
         return out
 
     bar = None
@@ -343,9 +342,11 @@ def reconstruct(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=sum(len(s) for s in stages), desc="reconstruct", unit="layer")
-    for stage in stages:
+    for i, stage in enumerate(stages):
         cur_params = _with_leaves(params, current)
-        fn = jax.jit(functools.partial(stats, paths=tuple(stage)))
+        # until a layer is refit the pruned model's inputs are the dense ones: C = H
+        cross = target == "dense" and i > 0
+        fn = jax.jit(functools.partial(stats, paths=tuple(stage), cross=cross))
         total = None
         for batch in batches:
             s = fn(cur_params, params, batch)
