@@ -1,0 +1,22 @@
+"""cpu_ffi: the HiNM / N:M sparse product on the CPU (C++) as a JAX operation.
+
+Plain arrays in, plain arrays out; no dependency on ``hinm_jax``. Modules:
+
+- :mod:`cpu_ffi.packing`: canonical compressed format -> the kernel's layout, once.
+- :mod:`cpu_ffi.build`: C++ build on first use into a per-user cache, for the host's ISA.
+- :mod:`cpu_ffi.ffi`: FFI registration (platform cpu) and :func:`spmm` via ``jax.ffi.ffi_call``.
+
+Importing this package never compiles anything.
+
+Example:
+    >>> import cpu_ffi
+    >>> packed = cpu_ffi.pack(values, metadata, vector_index, row_perm, m=4)       # doctest: +SKIP
+    >>> cpu_ffi.register()                                                         # doctest: +SKIP
+    >>> y = cpu_ffi.spmm(x, packed, n=2, m=4, vector_size=64, out_dtype=x.dtype)   # doctest: +SKIP
+"""
+
+from cpu_ffi.build import BuildError, find_compiler
+from cpu_ffi.ffi import MODES, TARGET_NAME, default_mode, isa, register, spmm
+from cpu_ffi.packing import pack
+
+__all__ = ["pack", "spmm", "register", "isa", "default_mode", "MODES", "TARGET_NAME", "BuildError", "find_compiler"]

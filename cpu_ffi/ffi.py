@@ -1,0 +1,110 @@
+"""The kernel as a JAX operation: library loading, FFI registration and ``jax.ffi.ffi_call``.
+
+Example:
+    >>> from cpu_ffi import ffi, packing
+    >>> packed = packing.pack(values, metadata, vector_index, row_perm, m=4)     # doctest: +SKIP
+    >>> y = ffi.spmm(x, packed, n=2, m=4, vector_size=64, out_dtype=x.dtype)     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cpu_ffi import build as _build
+
+__all__ = ["TARGET_NAME", "MODES", "library", "register", "isa", "lanes", "tile_tokens", "default_mode", "spmm"]
+
+TARGET_NAME = "hinm_spmm_cpu"
+MODES = ("rows", "tokens")  # mode 0: packed rows in vector lanes; mode 1: tokens in vector lanes
+
+# Tokens from which the tokens-in-lanes schedule is used (benchmarks/spmm_cpu.py --modes measures
+# both schedules; on a 2-core AVX-512 machine rows-in-lanes wins below this).
+TOKENS_MODE_FROM = 16
+
+
+@functools.cache
+def library(path: str | None = None) -> ctypes.CDLL:
+    """Loads (building on first use) the kernel library."""
+    lib = ctypes.cdll.LoadLibrary(str(path or _build.build()))
+    lib.hinm_cpu_lanes.restype = ctypes.c_int
+    lib.hinm_cpu_tile_tokens.restype = ctypes.c_int
+    lib.hinm_cpu_isa.restype = ctypes.c_char_p
+    return lib
+
+
+@functools.cache
+def register(path: str | None = None) -> None:
+    """Builds if needed and registers the handler as ``hinm_spmm_cpu`` for platform cpu (once).
+
+    Raises:
+      BuildError: no compiler, or the build failed.
+    """
+    lib = library(path)
+    jax.ffi.register_ffi_target(TARGET_NAME, jax.ffi.pycapsule(lib.HinmSpmmCpu), platform="cpu")
+
+
+def isa() -> str:
+    """The instruction set the library was built for: ``"avx512"``, ``"avx2"`` or ``"generic"``."""
+    return library().hinm_cpu_isa().decode()
+
+
+def lanes() -> int:
+    """fp32 lanes per vector in the built library (16, 8 or 4)."""
+    return int(library().hinm_cpu_lanes())
+
+
+def tile_tokens() -> int:
+    """Tokens per tile of the tokens-in-lanes schedule."""
+    return int(library().hinm_cpu_tile_tokens())
+
+
+def default_mode(tokens: int) -> str:
+    """The schedule for ``tokens`` rows of activations."""
+    return "rows" if tokens < TOKENS_MODE_FROM else "tokens"
+
+
+def spmm(x, packed: dict, *, n: int, m: int, vector_size: int, out_dtype, bias=None, mode: str | None = None):
+    """``y (T, O)``: ``y[t, row_perm[r]] = sum of the packed row r's values times x[t, its inputs]``.
+
+    Args:
+      x: ``(T, K)`` float32 or bfloat16.
+      packed: :func:`cpu_ffi.packing.pack`'s dict (float32 or bfloat16 values).
+      n, m: kept values per stripe and stripe length.
+      vector_size: packed rows per block (``O`` for plain N:M).
+      out_dtype: float32 or bfloat16.
+      bias: ``(O,)`` float32 added in the epilogue, or ``None``.
+      mode: ``"rows"``, ``"tokens"`` or ``None`` (:func:`default_mode`).
+
+    The library must be registered (:func:`register`). Runs under ``jit``.
+    """
+    t, k = x.shape
+    o = packed["row_perm"].shape[0]
+    mode = mode or default_mode(t)
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+    tile = tile_tokens()
+    work = (-(-t // tile)) * k * tile * 4 if mode == "tokens" else 0
+    if bias is None:
+        bias = jnp.zeros((0,), jnp.float32)
+    call = jax.ffi.ffi_call(
+        TARGET_NAME,
+        (jax.ShapeDtypeStruct((t, o), out_dtype), jax.ShapeDtypeStruct((work,), jnp.uint8)),
+    )
+    y, _ = call(
+        x,
+        packed["values"],
+        packed["positions"],
+        packed["vector_index"],
+        packed["row_perm"],
+        jnp.asarray(bias, jnp.float32),
+        n=np.int64(n),
+        m=np.int64(m),
+        vector_size=np.int64(vector_size),
+        mode=np.int64(MODES.index(mode)),
+    )
+    return y

@@ -1,0 +1,561 @@
+// HiNM / N:M sparse x dense product on the CPU, as an XLA FFI handler ("hinm_spmm_cpu").
+//
+//   y[t, perm[b*V + r]] = sum_i vals[b, r, i] * x[t, vidx[b, (i / n) * m + pos[b, r, i]]]  (+ bias)
+//
+// for every block b of V output channels (packed rows), every packed row r of the block and every
+// kept value i (stripe j = i / n, position pos in 0..m-1 inside the stripe). The layout the kernel
+// reads (cpu_ffi/packing.py makes it from the canonical compressed format, once):
+//
+//   vals  (nb, G, nnz, 16)  the values, 16 packed rows interleaved ("groups": G = ceil(V / 16));
+//                           rows past V in the last group of a block are padding (value 0).
+//   pos   (nb, G, nnz, 16)  uint8 stripe positions, same order.
+//   vidx  (nb, K_v)         int32, each block's kept inputs in walk order.
+//   perm  (nb * V,)         int32, packed row -> output channel.
+//
+// Two schedules, chosen by the caller per call (attribute `mode`):
+//
+//   mode 0 (few tokens): rows in vector lanes. For each block, the kept activations of each token are
+//     gathered once into a window (K_v floats); a stripe's m window entries are loaded into one vector
+//     and every lane (packed row) picks its own with a variable permute (vpermps), then one FMA with
+//     the 16 rows' values. Values and positions are read once per call: at T = 1 the kernel reads
+//     only the compressed weight (bandwidth bound, like a dense GEMV on a quarter of the bytes).
+//   mode 1 (many tokens): tokens in vector lanes (XNNPACK's SpMM layout). x is transposed once into
+//     tiles xt[tile][k][TT] (TT tokens per tile); for a block and a tile, the block's kept rows of xt
+//     are copied into a contiguous panel (K_v x TT), then each kept value is broadcast and multiplies
+//     a TT-token row of the panel: one FMA per value per L tokens, R rows at a time so R*TT/L
+//     independent accumulators hide the FMA latency.
+//
+// Both schedules compute in fp32 (bf16 inputs are widened on load; bf16 outputs rounded to nearest
+// even) and write output channel perm[r] directly. Work is split into units (block pieces x token
+// tiles) taken from an atomic counter by the calling thread and by tasks on XLA's intra-op thread
+// pool (ffi::ThreadPool), so the kernel uses every core the dense dot it replaces would use.
+//
+// Instruction sets: GCC vector extensions of L lanes, L = 16 with AVX-512, 8 with AVX2, 4 otherwise,
+// chosen by the compiler flags of the build (cpu_ffi/build.py compiles for the host, -march=native,
+// and keys its cache by the host's ISA). Stripes longer than L (m > L) take a portable scalar path.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace hinm_cpu {
+
+#if defined(__AVX512F__)
+#define HINM_LANES 16
+constexpr const char* kIsa = "avx512";
+#elif defined(__AVX2__)
+#define HINM_LANES 8
+constexpr const char* kIsa = "avx2";
+#else
+#define HINM_LANES 4
+constexpr const char* kIsa = "generic";
+#endif
+constexpr int L = HINM_LANES;
+
+constexpr int kGroup = 16;  // packed rows interleaved in the layout (fixed: the packer's layout)
+constexpr int kSub = kGroup / L;
+constexpr int kTile = 2 * L;  // tokens per tile in mode 1
+constexpr int kRows = 4;      // packed rows per register tile in mode 1
+constexpr int kAhead = 16;    // panel rows prefetched ahead in mode 1
+constexpr int64_t kChunkBytes = 8 << 10;  // panel bytes per chunk of stripes in mode 1
+
+typedef float vf __attribute__((vector_size(4 * L)));
+typedef int32_t vi __attribute__((vector_size(4 * L)));
+typedef uint8_t vu8 __attribute__((vector_size(L)));
+typedef uint16_t vu16 __attribute__((vector_size(2 * L)));
+typedef uint32_t vu32 __attribute__((vector_size(4 * L)));
+
+// ---- scalar types ----------------------------------------------------------------------------------
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+struct F32 {
+  using T = float;
+  static float get(const T* p, int64_t i) { return p[i]; }
+  static void put(T* p, int64_t i, float v) { p[i] = v; }
+  static vf load(const T* p) {
+    vf v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+};
+
+struct BF16 {
+  using T = uint16_t;
+  static float get(const T* p, int64_t i) { return bf16_to_f32(p[i]); }
+  static void put(T* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
+  static vf load(const T* p) {
+    vu16 h;
+    std::memcpy(&h, p, sizeof(h));
+    vu32 u = __builtin_convertvector(h, vu32) << 16;
+    vf v;
+    std::memcpy(&v, &u, sizeof(v));
+    return v;
+  }
+};
+
+inline vf loadf(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void storef(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline vi load_pos(const uint8_t* p) {
+  vu8 b;
+  std::memcpy(&b, p, sizeof(b));
+  return __builtin_convertvector(b, vi);
+}
+
+inline vf splat(float s) {
+#if HINM_LANES == 16
+  return (vf)_mm512_set1_ps(s);
+#elif HINM_LANES == 8
+  return (vf)_mm256_set1_ps(s);
+#else
+  return vf{} + s;
+#endif
+}
+
+// ---- the problem -----------------------------------------------------------------------------------
+
+struct Problem {
+  int64_t t, k, o;      // tokens, inputs, outputs
+  int64_t nb, kv, v;    // blocks, kept inputs per block, packed rows per block
+  int64_t n, m, nnz;    // kept per stripe, stripe length, kept values per row (kv / m * n)
+  int64_t groups;       // 16-row groups per block
+  const void* x;
+  const void* vals;
+  const uint8_t* pos;
+  const int32_t* vidx;
+  const int32_t* perm;
+  const float* bias;    // nullptr: none
+  void* y;
+  float* xt;            // mode 1: transposed tiles, ceil(t / kTile) * k * kTile floats
+  bool direct;          // a single block whose vector index is 0..K-1
+};
+
+// Thread-local scratch that grows and is never shrunk: windows and panels are rebuilt every unit,
+// and a fresh allocation per call would pay page faults larger than the work it holds.
+inline float* scratch(size_t floats) {
+  thread_local std::vector<float, std::allocator<float>> buf;
+  if (buf.size() < floats) buf.resize(floats);
+  return buf.data();
+}
+
+// Writes one packed row's outputs for tokens t0.. (cnt of them): y[t, perm[row]] = acc[i] (+ bias).
+template <class Y>
+inline void put_row(const Problem& p, int64_t row, int64_t t0, int64_t cnt, const float* acc, int64_t stride) {
+  const int64_t c = p.perm[row];
+  const float b = p.bias ? p.bias[c] : 0.0f;
+  auto* y = static_cast<typename Y::T*>(p.y);
+  for (int64_t i = 0; i < cnt; ++i) Y::put(y, (t0 + i) * p.o + c, acc[i * stride] + b);
+}
+
+// ---- mode 0: rows in lanes -------------------------------------------------------------------------
+
+// Tokens per pass: accumulators and windows both live in registers.
+constexpr int kTokens0 = L == 16 ? 8 : (L == 8 ? 4 : 2);
+
+// win[tt * stride + jj] = x[t0 + tt, vidx[b, jj]] in fp32, for tt < cnt; padded with zeros to stride.
+template <class X>
+void gather_windows(const Problem& p, int64_t b, int64_t t0, int64_t cnt, float* win, int64_t stride) {
+  const auto* x = static_cast<const typename X::T*>(p.x);
+  const int32_t* vi_b = p.vidx + b * p.kv;
+  for (int64_t tt = 0; tt < cnt; ++tt) {
+    const typename X::T* row = x + (t0 + tt) * p.k;
+    float* w = win + tt * stride;
+    if (p.direct) {
+      for (int64_t jj = 0; jj < p.kv; ++jj) w[jj] = X::get(row, jj);
+    } else {
+      for (int64_t jj = 0; jj < p.kv; ++jj) w[jj] = X::get(row, vi_b[jj]);
+    }
+    std::fill(w + p.kv, w + stride, 0.0f);
+  }
+}
+
+// One group of 16 packed rows, tokens t0 .. t0+cnt (cnt <= kTokens0), windows already gathered.
+template <class W, class Y, int NT>
+void group_rows_in_lanes(const Problem& p, int64_t b, int64_t g, int64_t t0, const float* win, int64_t stride) {
+  const auto* vals = static_cast<const typename W::T*>(p.vals) + (b * p.groups + g) * p.nnz * kGroup;
+  const uint8_t* pos = p.pos + (b * p.groups + g) * p.nnz * kGroup;
+  vf acc[NT][kSub];
+  for (int tt = 0; tt < NT; ++tt)
+    for (int s = 0; s < kSub; ++s) acc[tt][s] = vf{};
+  const int64_t stripes = p.kv / p.m;
+  for (int64_t j = 0; j < stripes; ++j) {
+    vf w[NT];
+    for (int tt = 0; tt < NT; ++tt) w[tt] = loadf(win + tt * stride + j * p.m);  // stripe j in lanes 0..m-1
+    for (int64_t q = 0; q < p.n; ++q) {
+      const int64_t i = j * p.n + q;
+      for (int s = 0; s < kSub; ++s) {
+        const vf v = W::load(vals + i * kGroup + s * L);
+        const vi ps = load_pos(pos + i * kGroup + s * L);
+        for (int tt = 0; tt < NT; ++tt) acc[tt][s] += v * __builtin_shuffle(w[tt], ps);
+      }
+    }
+  }
+  alignas(64) float out[NT][kGroup];
+  for (int tt = 0; tt < NT; ++tt)
+    for (int s = 0; s < kSub; ++s) storef(&out[tt][s * L], acc[tt][s]);
+  const int64_t rows = std::min<int64_t>(kGroup, p.v - g * kGroup);
+  for (int64_t r = 0; r < rows; ++r) put_row<Y>(p, b * p.v + g * kGroup + r, t0, NT, &out[0][r], kGroup);
+}
+
+template <class W, class Y>
+void group_rows_in_lanes_n(const Problem& p, int64_t b, int64_t g, int64_t t0, int64_t cnt, const float* win,
+                           int64_t stride) {
+  switch (cnt) {
+#define HINM_CASE(N) \
+  case N:            \
+    return group_rows_in_lanes<W, Y, N>(p, b, g, t0, win, stride);
+    HINM_CASE(1)
+    HINM_CASE(2)
+#if HINM_LANES >= 8
+    HINM_CASE(3)
+    HINM_CASE(4)
+#endif
+#if HINM_LANES >= 16
+    HINM_CASE(5)
+    HINM_CASE(6)
+    HINM_CASE(7)
+    HINM_CASE(8)
+#endif
+#undef HINM_CASE
+  }
+}
+
+// ---- portable path: any m (also the reference for the vector paths in tests) -----------------------
+
+template <class W, class Y>
+void group_scalar(const Problem& p, int64_t b, int64_t g, int64_t t0, int64_t cnt, const float* win,
+                  int64_t stride) {
+  const auto* vals = static_cast<const typename W::T*>(p.vals) + (b * p.groups + g) * p.nnz * kGroup;
+  const uint8_t* pos = p.pos + (b * p.groups + g) * p.nnz * kGroup;
+  const int64_t rows = std::min<int64_t>(kGroup, p.v - g * kGroup);
+  std::vector<float> acc(cnt);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t i = 0; i < p.nnz; ++i) {
+      const float v = W::get(vals, i * kGroup + r);
+      const int64_t jj = (i / p.n) * p.m + pos[i * kGroup + r];
+      for (int64_t tt = 0; tt < cnt; ++tt) acc[tt] += v * win[tt * stride + jj];
+    }
+    put_row<Y>(p, b * p.v + g * kGroup + r, t0, cnt, acc.data(), 1);
+  }
+}
+
+// Unit of mode 0: groups [g0, g1) of block b, all tokens.
+template <class X, class W, class Y>
+void unit_mode0(const Problem& p, int64_t b, int64_t g0, int64_t g1) {
+  const int64_t stride = p.kv + L;  // a full vector load at the last stripe stays inside
+  const int64_t chunk = p.m <= L ? kTokens0 : 16;
+  float* win = scratch(size_t(chunk * stride));
+  for (int64_t t0 = 0; t0 < p.t; t0 += chunk) {
+    const int64_t cnt = std::min<int64_t>(chunk, p.t - t0);
+    gather_windows<X>(p, b, t0, cnt, win, stride);
+    for (int64_t g = g0; g < g1; ++g) {
+      if (p.m <= L) {
+        group_rows_in_lanes_n<W, Y>(p, b, g, t0, cnt, win, stride);
+      } else {
+        group_scalar<W, Y>(p, b, g, t0, cnt, win, stride);
+      }
+    }
+  }
+}
+
+// ---- mode 1: tokens in lanes -----------------------------------------------------------------------
+
+// xt[tile][k][kTile] = x[tile * kTile + tt, k] for k in [k0, k1), zero past the last token.
+template <class X>
+void transpose_tile(const Problem& p, int64_t tile, int64_t k0, int64_t k1) {
+  const auto* x = static_cast<const typename X::T*>(p.x);
+  float* xt = p.xt + tile * p.k * kTile;
+  constexpr int64_t kc = 64;  // a 64 x kTile block stays in L1 while it is filled
+  for (int64_t ka = k0; ka < k1; ka += kc) {
+    const int64_t kb = std::min(k1, ka + kc);
+    for (int64_t tt = 0; tt < kTile; ++tt) {
+      const int64_t t = tile * kTile + tt;
+      if (t < p.t) {
+        const typename X::T* row = x + t * p.k;
+        for (int64_t k = ka; k < kb; ++k) xt[k * kTile + tt] = X::get(row, k);
+      } else {
+        for (int64_t k = ka; k < kb; ++k) xt[k * kTile + tt] = 0.0f;
+      }
+    }
+  }
+}
+
+// Stripes per chunk of mode 1: a chunk's panel rows (m * kTile floats a stripe) stay in L1 while
+// every row of the unit walks them.
+inline int64_t chunk_stripes(const Problem& p) {
+  return std::max<int64_t>(1, (kChunkBytes) / (p.m * kTile * int64_t(sizeof(float))));
+}
+
+// R packed rows (lanes l0 .. l0+R of group g) x one tile of kTile tokens, stripes [j0, j1) of the
+// panel (whose row 0 is stripe j0's first input); partial sums in acc (R rows x kTile).
+template <class W, int R>
+inline void rows_tokens_in_lanes(const Problem& p, int64_t b, int64_t g, int l0, int64_t j0, int64_t j1,
+                                 const float* panel, float* acc_mem, bool first) {
+  constexpr int U = kTile / L;
+  const auto* vals = static_cast<const typename W::T*>(p.vals) + (b * p.groups + g) * p.nnz * kGroup + l0;
+  const uint8_t* pos = p.pos + (b * p.groups + g) * p.nnz * kGroup + l0;
+  vf acc[R][U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = first ? vf{} : loadf(acc_mem + r * kTile + u * L);
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* base = panel + (j - j0) * p.m * kTile;
+    for (int64_t q = 0; q < p.n; ++q) {
+      const int64_t i = (j * p.n + q) * kGroup;
+      for (int r = 0; r < R; ++r) {
+        const vf w = splat(W::get(vals, i + r));
+        const float* a = base + int64_t(pos[i + r]) * kTile;
+        for (int u = 0; u < U; ++u) acc[r][u] += w * loadf(a + u * L);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u) storef(acc_mem + r * kTile + u * L, acc[r][u]);
+}
+
+// Unit of mode 1: groups [g0, g1) of block b, one token tile. The block's kept rows of the x tile
+// are walked in chunks of stripes: a chunk (copied into a contiguous L1 panel unless the block's
+// vector index is the identity) serves every row of the unit before the next one is touched.
+template <class W, class Y>
+void unit_mode1(const Problem& p, int64_t b, int64_t g0, int64_t g1, int64_t tile) {
+  const float* xt = p.xt + tile * p.k * kTile;
+  const int64_t rows = std::min<int64_t>(g1 * kGroup, p.v) - g0 * kGroup;
+  const int64_t quads = (rows + kRows - 1) / kRows;
+  const int64_t cs = chunk_stripes(p), stripes = p.kv / p.m;
+  float* buf = scratch(size_t(quads * kRows * kTile + (p.direct ? 0 : cs * p.m * kTile)));
+  float* acc = buf;
+  float* panel = buf + quads * kRows * kTile;
+  const int32_t* vi_b = p.vidx + b * p.kv;
+  for (int64_t j0 = 0; j0 < stripes; j0 += cs) {
+    const int64_t j1 = std::min(stripes, j0 + cs);
+    const float* chunk = xt + j0 * p.m * kTile;
+    if (!p.direct) {
+      const int64_t end = j1 * p.m;
+      for (int64_t jj = j0 * p.m; jj < end; ++jj) {
+        if (jj + kAhead < p.kv) {  // the rows are scattered: the hardware prefetcher cannot guess them
+          const char* ahead = reinterpret_cast<const char*>(xt + int64_t(vi_b[jj + kAhead]) * kTile);
+          for (int c = 0; c < kTile * 4; c += 64) __builtin_prefetch(ahead + c);
+        }
+        std::memcpy(panel + (jj - j0 * p.m) * kTile, xt + int64_t(vi_b[jj]) * kTile, kTile * sizeof(float));
+      }
+      chunk = panel;
+    }
+    for (int64_t qd = 0; qd < quads; ++qd) {
+      const int64_t local = g0 * kGroup + qd * kRows;
+      rows_tokens_in_lanes<W, kRows>(p, b, local / kGroup, int(local % kGroup), j0, j1, chunk,
+                                     acc + qd * kRows * kTile, j0 == 0);
+    }
+  }
+  // Token by token, so that each output row is written once per unit.
+  const int64_t t0 = tile * kTile;
+  const int64_t cnt = std::min<int64_t>(kTile, p.t - t0);
+  const int32_t* perm = p.perm + b * p.v + g0 * kGroup;
+  auto* y = static_cast<typename Y::T*>(p.y) + t0 * p.o;
+  for (int64_t tt = 0; tt < cnt; ++tt, y += p.o) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t c = perm[r];
+      Y::put(y, c, acc[r * kTile + tt] + (p.bias ? p.bias[c] : 0.0f));
+    }
+  }
+}
+
+// ---- work splitting --------------------------------------------------------------------------------
+
+// Runs fn(u) for u in [0, units) on the calling thread and up to threads - 1 pool tasks. Units
+// come from an atomic counter; the caller returns once every unit has finished. A task that starts
+// after the work is gone touches only the shared counters (kept alive by the shared_ptr).
+template <class Pool, class Fn>
+void parallel_for(Pool& pool, int64_t threads, int64_t units, const Fn& fn) {
+  if (units <= 0) return;
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto sh = std::make_shared<Shared>();
+  const int64_t helpers = std::min<int64_t>(threads - 1, units - 1);
+  // fn lives on the caller's stack: it is only called for a unit that remains, and the caller waits
+  // until every unit is done.
+  auto work = [sh, units, fnp = &fn]() {
+    for (int64_t u; (u = sh->next.fetch_add(1, std::memory_order_relaxed)) < units;) {
+      (*fnp)(u);
+      if (sh->done.fetch_add(1, std::memory_order_acq_rel) + 1 == units) sh->done.notify_all();
+    }
+  };
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(work)(work));
+  work();
+  for (int64_t d = sh->done.load(std::memory_order_acquire); d < units; d = sh->done.load(std::memory_order_acquire)) {
+    sh->done.wait(d, std::memory_order_acquire);
+  }
+}
+
+// Groups per unit: about 4 units per thread, whole blocks when there are enough of them, and at
+// most `cap` groups (mode 1 keeps a unit's partial sums in L1).
+inline int64_t groups_per_unit(const Problem& p, int64_t threads, int64_t tiles, int64_t cap) {
+  const int64_t want = std::max<int64_t>(1, 4 * threads / std::max<int64_t>(1, tiles));
+  int64_t gpu = p.groups;
+  if (p.nb < want) {
+    const int64_t pieces = (want + p.nb - 1) / p.nb;
+    gpu = std::max<int64_t>(1, (p.groups + pieces - 1) / pieces);
+  }
+  return std::min(gpu, cap);
+}
+
+// Multiply-adds below which the pool is not used: waking a pool thread costs more than it saves.
+constexpr double kParallelFrom = 1 << 18;
+
+template <class X, class W, class Y, class Pool>
+void run(const Problem& p, int64_t mode, Pool& pool) {
+  const double work = double(p.o) * double(p.nnz) * double(p.t);
+  const int64_t threads = work < kParallelFrom ? 1 : std::max<int64_t>(1, pool.num_threads());
+  if (mode == 0) {
+    const int64_t gpu = groups_per_unit(p, threads, 1, p.groups);
+    const int64_t per_block = (p.groups + gpu - 1) / gpu;
+    parallel_for(pool, threads, p.nb * per_block, [&](int64_t u) {
+      const int64_t b = u / per_block, g0 = (u % per_block) * gpu;
+      unit_mode0<X, W, Y>(p, b, g0, std::min(p.groups, g0 + gpu));
+    });
+    return;
+  }
+  const int64_t tiles = (p.t + kTile - 1) / kTile;
+  constexpr int64_t kc = 512;
+  const int64_t kchunks = (p.k + kc - 1) / kc;
+  parallel_for(pool, threads, tiles * kchunks, [&](int64_t u) {
+    const int64_t k0 = (u % kchunks) * kc;
+    transpose_tile<X>(p, u / kchunks, k0, std::min(p.k, k0 + kc));
+  });
+  const int64_t gpu = groups_per_unit(p, threads, tiles, 4);
+  const int64_t per_block = (p.groups + gpu - 1) / gpu;
+  // Tiles innermost: consecutive units of a thread share the block's values and positions.
+  parallel_for(pool, threads, p.nb * per_block * tiles, [&](int64_t u) {
+    const int64_t tile = u % tiles, piece = u / tiles;
+    const int64_t b = piece / per_block, g0 = (piece % per_block) * gpu;
+    unit_mode1<W, Y>(p, b, g0, std::min(p.groups, g0 + gpu), tile);
+  });
+}
+
+// ---- the handler -----------------------------------------------------------------------------------
+
+ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi::Buffer<ffi::U8> pos,
+                ffi::Buffer<ffi::S32> vidx, ffi::Buffer<ffi::S32> perm, ffi::Buffer<ffi::F32> bias,
+                ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Buffer<ffi::U8>> work, int64_t n, int64_t m,
+                int64_t vector_size, int64_t mode) {
+  const auto xd = x.dimensions(), vd = vals.dimensions(), id = vidx.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || vd.size() != 4 || id.size() != 2 || yd.size() != 2)
+    return ffi::Error::InvalidArgument("hinm_spmm_cpu: expected x (T, K), vals (nb, G, nnz, 16), vidx (nb, K_v), y (T, O)");
+  Problem p;
+  p.t = xd[0];
+  p.k = xd[1];
+  p.o = yd[1];
+  p.nb = id[0];
+  p.kv = id[1];
+  p.v = vector_size;
+  p.n = n;
+  p.m = m;
+  p.groups = vd[1];
+  p.nnz = vd[2];
+  if (yd[0] != p.t || vd[0] != p.nb || vd[3] != kGroup || n < 1 || m < n || m > 255 || p.kv % m ||
+      p.nnz != p.kv / m * n || p.groups * kGroup < p.v || (p.groups - 1) * kGroup >= p.v ||
+      pos.element_count() != vals.element_count() || int64_t(perm.element_count()) != p.nb * p.v ||
+      p.nb * p.v != p.o || p.kv > p.k)
+    return ffi::Error::InvalidArgument("hinm_spmm_cpu: inconsistent shapes");
+  if (bias.element_count() != 0 && int64_t(bias.element_count()) != p.o)
+    return ffi::Error::InvalidArgument("hinm_spmm_cpu: bias must have O entries or none");
+  if (mode != 0 && mode != 1) return ffi::Error::InvalidArgument("hinm_spmm_cpu: mode must be 0 or 1");
+  const int64_t tiles = (p.t + kTile - 1) / kTile;
+  if (mode == 1 && int64_t(work->element_count()) < tiles * p.k * kTile * int64_t(sizeof(float)))
+    return ffi::Error::InvalidArgument("hinm_spmm_cpu: work buffer too small for mode 1");
+  p.x = x.untyped_data();
+  p.vals = vals.untyped_data();
+  p.pos = pos.typed_data();
+  p.vidx = vidx.typed_data();
+  p.perm = perm.typed_data();
+  p.bias = bias.element_count() ? bias.typed_data() : nullptr;
+  p.y = y->untyped_data();
+  p.xt = reinterpret_cast<float*>(work->typed_data());
+  p.direct = false;
+  if (p.nb == 1 && p.kv == p.k) {
+    p.direct = true;
+    for (int64_t j = 0; j < p.kv && p.direct; ++j) p.direct = p.vidx[j] == j;
+  }
+  // Indices are the packer's and were validated there; a damaged layout must still not read outside x.
+  for (int64_t j = 0; j < p.nb * p.kv; ++j)
+    if (p.vidx[j] < 0 || p.vidx[j] >= p.k) return ffi::Error::InvalidArgument("hinm_spmm_cpu: vector index out of range");
+  for (int64_t r = 0; r < p.o; ++r)
+    if (p.perm[r] < 0 || p.perm[r] >= p.o) return ffi::Error::InvalidArgument("hinm_spmm_cpu: row permutation out of range");
+  if (p.t == 0) return ffi::Error::Success();
+
+  using ffi::DataType;
+  const DataType xt = x.element_type(), wt = vals.element_type(), yt = y->element_type();
+  auto ok = [](DataType d) { return d == DataType::F32 || d == DataType::BF16; };
+  if (!ok(xt) || !ok(wt) || !ok(yt)) return ffi::Error::InvalidArgument("hinm_spmm_cpu: dtypes must be float32 or bfloat16");
+#define HINM_Y(X, W)                                              \
+  if (yt == DataType::F32) return run<X, W, F32>(p, mode, pool), ffi::Error::Success(); \
+  return run<X, W, BF16>(p, mode, pool), ffi::Error::Success();
+#define HINM_W(X)                     \
+  if (wt == DataType::F32) {          \
+    HINM_Y(X, F32)                    \
+  } else {                            \
+    HINM_Y(X, BF16)                   \
+  }
+  if (xt == DataType::F32) {
+    HINM_W(F32)
+  } else {
+    HINM_W(BF16)
+  }
+#undef HINM_W
+#undef HINM_Y
+}
+
+}  // namespace hinm_cpu
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HinmSpmmCpu, hinm_cpu::Spmm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()          // x (T, K)
+                                  .Arg<ffi::AnyBuffer>()          // vals (nb, G, nnz, 16)
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // pos, same shape
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // vidx (nb, K_v)
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // perm (O,)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias (O,) or (0,)
+                                  .Ret<ffi::AnyBuffer>()          // y (T, O)
+                                  .Ret<ffi::Buffer<ffi::U8>>()    // work bytes (mode 1: x tiles)
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("m")
+                                  .Attr<int64_t>("vector_size")
+                                  .Attr<int64_t>("mode"));
+
+// Host-callable facts about the build (ctypes): the vector width and the instruction set compiled.
+extern "C" int hinm_cpu_lanes() { return hinm_cpu::L; }
+extern "C" int hinm_cpu_tile_tokens() { return hinm_cpu::kTile; }
+extern "C" const char* hinm_cpu_isa() { return hinm_cpu::kIsa; }

@@ -1,0 +1,91 @@
+"""The kernel's layout, made once from the canonical compressed format.
+
+Canonical format (see ``hinm_jax.format``): ``values (O, nnz)``, ``metadata (O, words)`` uint32
+with ``ceil(log2 m)``-bit stripe positions least-significant first, ``vector_index (nb, K_v)``
+and ``row_perm (O,)``; packed row ``r`` is in block ``r // V``.
+
+Kernel layout: the rows of each block in groups of 16, the group's 16 rows interleaved value by
+value, so that 16 rows' ``i``-th values (and positions) are one contiguous vector:
+
+- ``values (nb, G, nnz, 16)``, ``G = ceil(V / 16)``; rows past ``V`` are zero padding;
+- ``positions (nb, G, nnz, 16)`` uint8, the stripe position of each value;
+- ``vector_index (nb, K_v)`` and ``row_perm (O,)`` int32, unchanged.
+
+Works on numpy arrays and on jax arrays (also traced, under ``jit``). This package must not
+import ``hinm_jax``, so it unpacks the metadata itself; a test checks that it agrees with
+``hinm_jax.format``'s codec.
+
+Example:
+    >>> import numpy as np
+    >>> from cpu_ffi import packing
+    >>> values = np.arange(8, dtype=np.float32).reshape(2, 4)        # O=2 rows, 2:4 on K=8
+    >>> metadata = np.array([[0b11_00_10_00], [0b11_01_01_00]], np.uint32)
+    >>> p = packing.pack(values, metadata, np.arange(8, dtype=np.int32)[None], np.arange(2, dtype=np.int32), m=4)
+    >>> p["values"].shape, p["positions"][0, 0, :, 1].tolist()
+    ((1, 1, 4, 16), [0, 1, 1, 3])
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["GROUP", "positions", "pack", "groups"]
+
+GROUP = 16  # rows interleaved per group (the kernel's fixed layout)
+
+
+def _xp(*arrays):
+    return np if all(isinstance(a, np.ndarray) for a in arrays) else jnp
+
+
+def positions(metadata, m: int, nnz: int):
+    """Stripe positions ``(..., nnz)`` uint8 from packed metadata words ``(..., words)``."""
+    xp = _xp(metadata)
+    bits = (m - 1).bit_length()
+    if bits == 0:
+        return xp.zeros(metadata.shape[:-1] + (nnz,), xp.uint8)
+    per = 32 // bits
+    shifts = xp.arange(per, dtype=xp.uint32) * xp.uint32(bits)
+    pos = (metadata[..., None].astype(xp.uint32) >> shifts) & xp.uint32((1 << bits) - 1)
+    return pos.reshape(metadata.shape[:-1] + (-1,))[..., :nnz].astype(xp.uint8)
+
+
+def groups(vector_size: int) -> int:
+    """Groups of 16 rows per block."""
+    return -(-vector_size // GROUP)
+
+
+def pack(values, metadata, vector_index, row_perm, *, m: int) -> dict:
+    """The kernel layout of one matrix (see the module docstring).
+
+    Args:
+      values: ``(O, nnz)`` kept values (float32 or bfloat16; kept as they are).
+      metadata: ``(O, words)`` uint32 packed stripe positions.
+      vector_index: ``(nb, K_v)`` int32.
+      row_perm: ``(O,)`` int32.
+      m: stripe length (at most 255: positions are stored in a byte).
+
+    Returns:
+      ``{"values", "positions", "vector_index", "row_perm"}``, numpy arrays for numpy
+      inputs, jax arrays otherwise.
+    """
+    if m > 255:
+        raise ValueError(f"m={m}: stripe positions must fit a byte (m <= 255)")
+    xp = _xp(values, metadata, vector_index, row_perm)
+    o, nnz = values.shape
+    nb = vector_index.shape[0]
+    v = o // nb
+    g = groups(v)
+
+    def interleave(a):
+        a = a.reshape(nb, v, nnz)
+        a = xp.pad(a, ((0, 0), (0, g * GROUP - v), (0, 0)))
+        return a.reshape(nb, g, GROUP, nnz).transpose(0, 1, 3, 2)
+
+    return {
+        "values": interleave(values),
+        "positions": interleave(positions(metadata, m, nnz)),
+        "vector_index": vector_index.astype(xp.int32),
+        "row_perm": row_perm.astype(xp.int32),
+    }

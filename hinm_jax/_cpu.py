@@ -1,0 +1,160 @@
+"""The ``"cpu"`` backend of :func:`hinm_jax.sparse_matmul`: adapter between the canonical
+:class:`~hinm_jax.format.SparseWeight` and the C++ kernel in :mod:`cpu_ffi`.
+
+Runs every block-structured weight (``HiNM``, ``NM``, ``VectorWise``; any ``m`` up to 255)
+with float32 or bfloat16 weights and activations on jax's CPU backend, through ``jax.ffi``,
+on every core of XLA's intra-op thread pool. The library is compiled for the host's
+instruction set the first time :func:`is_available` is asked (into
+``~/.cache/hinm_jax/cpu``, a few seconds); importing this module compiles nothing. When no
+compiler is there or the build fails, :func:`is_available` warns once, naming the compiler's
+message, and the default dispatch uses the ``"xla"`` reference instead. Anything the kernel
+cannot run raises ``NotImplementedError`` so that the dispatch falls through.
+
+Example:
+    >>> import jax, jax.numpy as jnp, hinm_jax
+    >>> params = {"w": jax.random.normal(jax.random.key(0), (256, 128))}
+    >>> sw = hinm_jax.compress(params, hinm_jax.prune(params, "hinm:64:0.5:2:4"))["w"]
+    >>> sw = hinm_jax.pack_for(sw, "cpu")  # once, at conversion  # doctest: +SKIP
+    >>> y = hinm_jax.sparse_matmul(jnp.ones((4, 256)), sw, implementation="cpu")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+import cpu_ffi
+from cpu_ffi import packing as cpu_packing
+from hinm_jax import _xla
+from hinm_jax.format import SparseWeight
+
+__all__ = ["NAME", "is_available", "supports", "pack", "matmul"]
+
+NAME = "cpu"
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+_MAX_M = 255  # stripe positions are stored in a byte
+
+
+@functools.cache
+def is_available() -> bool:
+    """jax's default backend is the CPU and the kernel library is built and registered
+    (built here on the first call; the answer is cached, the warning given once)."""
+    if jax.default_backend() != "cpu":
+        return False
+    try:
+        cpu_ffi.register()
+    except (cpu_ffi.BuildError, OSError) as e:
+        warnings.warn(
+            f"hinm_jax: the CPU sparse kernel could not be built, so sparse_matmul uses the slower "
+            f"'xla' reference: {e}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
+
+
+def supports(w: SparseWeight) -> str | None:
+    """Why the kernel cannot run ``w`` (ignoring the activations), or ``None`` if it can."""
+    if not isinstance(w, SparseWeight) or w.pattern is None:
+        return "not a compressed SparseWeight"
+    if w.stack_axes:
+        return f"shape={w.shape} stack_axes={w.stack_axes}: one matrix at a time"
+    if w.dtype not in _DTYPES:
+        return f"shape={w.shape} pattern {w.pattern}: dtype {w.dtype}: float32 or bfloat16 weights only"
+    if w.m > _MAX_M:
+        return f"shape={w.shape} pattern {w.pattern}: m={w.m} > {_MAX_M}"
+    return None
+
+
+def _pack_matrix(m: int, values, metadata, vector_index, row_perm) -> dict:
+    return cpu_packing.pack(values, metadata, vector_index, row_perm, m=m)
+
+
+def pack(w: SparseWeight) -> dict | None:
+    """The kernel layout of ``w`` as device arrays (see :mod:`cpu_ffi.packing`), or ``None``
+    when the kernel cannot run ``w``. Stacked weights get a leading stack axis on every
+    array. Works under ``jit`` (traced arrays are packed with ``jax.numpy``).
+
+    Example:
+        >>> packed = pack(sw)  # doctest: +SKIP
+    """
+    flat = dataclasses.replace(w, stack_axes=0, shape=w.shape[w.stack_axes :]) if w.stack_axes else w
+    if supports(flat) is not None:
+        return None
+    arrays = (w.values, w.metadata, w.vector_index, w.row_perm)
+    fn = functools.partial(_pack_matrix, flat.m)
+    for _ in range(w.stack_axes):
+        fn = jax.vmap(fn)
+    return {key: jnp.asarray(v) for key, v in fn(*(jnp.asarray(a) for a in arrays)).items()}
+
+
+def _kernel(x, w: SparseWeight, packed: dict, bias):
+    return cpu_ffi.spmm(
+        x,
+        packed,
+        n=w.n,
+        m=w.m,
+        vector_size=w.vector_size,
+        out_dtype=jnp.result_type(x.dtype, w.dtype),
+        bias=bias,
+    )
+
+
+def _reference(x, w: SparseWeight, bias):
+    y = _xla.matmul(x, w)
+    return y if bias is None else (y + bias).astype(y.dtype)
+
+
+@jax.custom_vjp
+def _matmul(x, w: SparseWeight, packed: dict, bias):
+    return _kernel(x, w, packed, bias)
+
+
+def _matmul_fwd(x, w, packed, bias):
+    return _kernel(x, w, packed, bias), (x, w, bias)
+
+
+def _matmul_bwd(res, g):
+    # The reference computes the same function of (x, w, bias); its VJP gives every cotangent.
+    x, w, bias = res
+    _, vjp = jax.vjp(_reference, x, w, bias)
+    gx, gw, gb = vjp(g)
+    return gx, gw, None, gb
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(x, w: SparseWeight, bias=None):
+    """``x @ w.densify() (+ bias)`` for ``x`` ``(T, K)`` with the C++ kernel.
+
+    Uses ``w.packed`` when it was packed for this backend (:func:`hinm_jax.pack_for`),
+    otherwise packs in-graph (every call: pack once for speed). Accumulates in float32; the
+    bias (``(O,)``) is added in float32 before the one rounding to the output dtype
+    (``x``'s promoted with ``w``'s). Differentiable (the backward pass is the reference's).
+
+    Raises:
+      NotImplementedError: stacked weights, a weight or activation dtype other than
+        float32/bfloat16, ``m > 255``.
+      ValueError: a bias whose shape is not ``(O,)``.
+    """
+    why = supports(w)
+    if why is not None:
+        raise NotImplementedError(f"cpu: {why}")
+    if x.ndim != 2 or jnp.dtype(x.dtype) not in _DTYPES:
+        raise NotImplementedError(f"cpu: x: shape={tuple(x.shape)} dtype {x.dtype}: expected (T, K) float32 or bfloat16")
+    k, o = w.matrix_shape
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        if bias.shape != (o,):
+            raise ValueError(f"bias: shape={tuple(bias.shape)} but w: shape={w.shape} pattern {w.pattern} has O={o} outputs")
+    if x.shape[0] == 0:
+        return jnp.zeros((0, o), jnp.result_type(x.dtype, w.dtype))
+    packed = w.packed if (w.packed_for == NAME and w.packed is not None) else pack(w)
+    plain = dataclasses.replace(w, packed=None, packed_for=None)
+    return _matmul(x, plain, packed, bias)
