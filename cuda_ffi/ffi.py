@@ -19,7 +19,17 @@ import numpy as np
 from cuda_ffi import build as _build
 from cuda_ffi import packing, tiles
 
-__all__ = ["TARGET_NAME", "library", "register", "library_configs", "probe", "spmm", "prepare_activations"]
+__all__ = [
+    "TARGET_NAME",
+    "library",
+    "register",
+    "library_configs",
+    "probe",
+    "check_call",
+    "call_operands",
+    "spmm",
+    "prepare_activations",
+]
 
 TARGET_NAME = "hinm_spmm"
 
@@ -33,6 +43,8 @@ def library(path: str | None = None) -> ctypes.CDLL:
     lib.hinm_spmm_config_info.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
     lib.hinm_spmm_probe.restype = ctypes.c_longlong
     lib.hinm_spmm_probe.argtypes = [ctypes.c_int] * 4
+    lib.hinm_spmm_check.restype = ctypes.c_int
+    lib.hinm_spmm_check.argtypes = [ctypes.POINTER(ctypes.c_longlong), ctypes.c_char_p, ctypes.c_int]
     return lib
 
 
@@ -76,6 +88,32 @@ def probe(lib: ctypes.CDLL, name: str, *args: int) -> int:
     return int(lib.hinm_spmm_probe(_PROBES[name], *a))
 
 
+def check_call(lib: ctypes.CDLL, operands, out_shape, attrs) -> str | None:
+    """The FFI handler's own argument checks, run on the host (no GPU needed).
+
+    Args:
+      lib: the kernel library (:func:`library`).
+      operands: the six FFI operands ``(x, values, metadata, vector_index, row_perm, bias)``
+        (anything with ``.shape``), as :func:`call_operands` returns them.
+      out_shape: the shape of ``y``.
+      attrs: ``{"gather", "config", "vector_size", "transposed_out"}``.
+
+    Returns:
+      ``None`` when the handler would accept the call, else its error message.
+    """
+    x, vals, meta, vidx, perm, bias = (tuple(int(d) for d in a.shape) for a in operands)
+    for name, shape, rank in (("x", x, 2), ("values", vals, 2), ("metadata", meta, 3), ("vector_index", vidx, 2),
+                              ("row_perm", perm, 1), ("y", tuple(out_shape), 2)):
+        if len(shape) != rank:
+            return f"{name}: shape={shape}: ranks must be x 2, values 2, meta 3, vector_index 2, row_perm 1, y 2"
+    count = int(np.prod(bias)) if bias else 1
+    dims = [*x, *vals, *meta, *vidx, *perm, *out_shape, count, len(bias), bias[0] if bias else 0]
+    dims += [int(attrs[k]) for k in ("gather", "config", "vector_size", "transposed_out")]
+    buf = ctypes.create_string_buffer(512)
+    rc = lib.hinm_spmm_check((ctypes.c_longlong * len(dims))(*dims), buf, len(buf))
+    return None if rc == 0 else buf.value.decode()
+
+
 def prepare_activations(x, layout: packing.Layout):
     """``x (T, K)`` -> what the kernel reads: ``x^T (K, T_pad)`` (gather) or ``x (T, K_pad)``."""
     t, k = x.shape
@@ -86,21 +124,11 @@ def prepare_activations(x, layout: packing.Layout):
     return x if kp == k else jnp.pad(x, ((0, 0), (0, kp - k)))
 
 
-def spmm(x, packed, out_features: int, bias=None, *, config: tiles.TileConfig | int | None = None):
-    """``y = x @ W (+ bias)`` with ``W`` packed by :func:`cuda_ffi.packing.pack`.
+def call_operands(x, packed, out_features: int, bias=None, *, config: tiles.TileConfig | int | None = None):
+    """What :func:`spmm` hands the FFI call: ``(operands, out_shape, attrs, transposed)``.
 
-    Args:
-      x: ``(T, K)`` float16 or bfloat16, the dtype of ``packed["values"]``.
-      packed: the dict of kernel arrays.
-      out_features: ``O``.
-      bias: optional ``(O,)`` (added in float32 before rounding).
-      config: a tile configuration or its id (default: :func:`tiles.select_config`).
-
-    Returns:
-      ``(T, O)`` in ``x``'s dtype.
-
-    Raises:
-      NotImplementedError: dtypes or shapes the kernel does not run.
+    ``operands`` is ``(x or x^T, values, metadata, vector_index, row_perm, bias)``; ``attrs``
+    the handler's attributes. Arguments and errors as :func:`spmm`.
     """
     x = jnp.asarray(x)
     if x.ndim != 2:
@@ -118,8 +146,6 @@ def spmm(x, packed, out_features: int, bias=None, *, config: tiles.TileConfig | 
         config = tiles.CONFIGS[config]
     if config not in tiles.valid_configs(lay.rows, lay.vector_size, lay.gather):
         raise NotImplementedError(f"config {config} cannot tile this weight ({lay})")
-    if _gpu_present():
-        register()  # builds on first use; lowering alone (no GPU) needs no registration
     if bias is None:
         bias_arr = jnp.zeros((0,), jnp.float32)
     else:
@@ -128,19 +154,39 @@ def spmm(x, packed, out_features: int, bias=None, *, config: tiles.TileConfig | 
     # Permuted channels: the kernel writes coalesced rows of y^T (O, T_pad); XLA transposes.
     transposed = not lay.identity_rows
     out_shape = (out_features, -(-t // 8) * 8) if transposed else (t, out_features)
-    call = jax.ffi.ffi_call(TARGET_NAME, jax.ShapeDtypeStruct(out_shape, x.dtype))
-    y = call(
-        xin,
-        vals,
-        packed["metadata"],
-        packed["vector_index"],
-        packed["row_perm"],
-        bias_arr,
+    operands = (xin, vals, packed["metadata"], packed["vector_index"], packed["row_perm"], bias_arr)
+    attrs = dict(
         gather=np.int64(lay.gather),
         config=np.int64(config.id),
         vector_size=np.int64(lay.vector_size),
         transposed_out=np.int64(transposed),
     )
+    return operands, out_shape, attrs, transposed
+
+
+def spmm(x, packed, out_features: int, bias=None, *, config: tiles.TileConfig | int | None = None):
+    """``y = x @ W (+ bias)`` with ``W`` packed by :func:`cuda_ffi.packing.pack`.
+
+    Args:
+      x: ``(T, K)`` float16 or bfloat16, the dtype of ``packed["values"]``.
+      packed: the dict of kernel arrays.
+      out_features: ``O``.
+      bias: optional ``(O,)`` (added in float32 before rounding).
+      config: a tile configuration or its id (default: :func:`tiles.select_config`).
+
+    Returns:
+      ``(T, O)`` in ``x``'s dtype. A vector index entry outside ``0..K-1`` (other than the
+      ``-1`` padding) is never read: outputs that use it are NaN.
+
+    Raises:
+      NotImplementedError: dtypes or shapes the kernel does not run.
+    """
+    operands, out_shape, attrs, transposed = call_operands(x, packed, out_features, bias, config=config)
+    if _gpu_present():
+        register()  # builds on first use; lowering alone (no GPU) needs no registration
+    t = jnp.shape(x)[0]
+    call = jax.ffi.ffi_call(TARGET_NAME, jax.ShapeDtypeStruct(out_shape, operands[0].dtype))
+    y = call(*operands, **attrs)
     return y[:, :t].T if transposed else y
 
 

@@ -9,9 +9,11 @@
 //   values  (O_p, Kc_p) f16/bf16: compressed rows, Kc_p = K_vp / 2, K_vp a multiple of kBK (zero padded).
 //   meta    (O_p / 16, K_vp / 32, 16) uint32: per 16-row tile and mma k-step, the 16 metadata words in the
 //           order the threads of a warp hold them (word g*2+t = lane 4g+t: low half row g, high half row g+8).
-//   vidx    gather mode: (O_p / V, K_vp) int32, -1 = padding (the activation row is zero filled).
+//   vidx    gather mode: (O_p / V, K_vp) int32, -1 = padding (the activation row is zero filled). Any other entry
+//           outside 0..K-1 is never read: the kernel fills that activation row with NaN instead, so every output
+//           that uses it is NaN (mma.sp multiplies only the B rows the metadata selects: other outputs stay exact).
 //   perm    (O_p,) int32 output channel of every packed row (-1 = padding row), or (0,): packed row r is
-//           channel r (rows >= O are padding).
+//           channel r (rows >= O are padding). A non-empty perm requires transposed_out = 1.
 //   bias    (O,) f32 or (0,) for none.
 //   y       transposed_out = 0: (T, O); transposed_out = 1: y^T (O, T_y), T_y a multiple of 8. Dtype of x.
 // One thread block computes a BM x BN tile of (packed rows within one vector block) x (tokens); the rows of the
@@ -47,6 +49,8 @@ constexpr int kStepsPerStage = kBK / kKStep;
 constexpr int kMetaWordsPerStep = 16;  // per 16-row tile
 constexpr int kChunk = 16;       // bytes per cp.async / ldmatrix row
 constexpr uint32_t kPadMetaWord = 0x44444444u;  // every 2:4 group: indices (0, 1)
+constexpr uint32_t kNanPairF16 = 0x7E007E00u;   // two float16 quiet NaNs
+constexpr uint32_t kNanPairBf16 = 0x7FC07FC0u;  // two bfloat16 quiet NaNs
 
 // ---------------------------------------------------------------------------------------------------------------
 // Shared-memory swizzles (units: 16-byte chunks). Each makes the 8 row addresses of one ldmatrix 8x8 matrix fall
@@ -147,6 +151,10 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool v
   const int src_bytes = valid ? 16 : 0;  // 0: zero fill, nothing is read
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
                : "memory");
+}
+// A 16-byte shared-memory store (an invalid vector index entry's activation row: NaN).
+__device__ __forceinline__ void st_shared16(uint32_t dst, uint32_t word) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst), "r"(word) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
@@ -276,9 +284,14 @@ __global__ void __launch_bounds__(C::THREADS, HINM_MIN_BLOCKS(C)) spmm_kernel(co
         if constexpr (kGather) {
           const int kr = c / C::CPR, ch = c % C::CPR;
           const int tok = n0 + ch * 8;
-          const bool valid = idx[i] >= 0 && tok < p.x_ld;
-          const E* src = valid ? xg + static_cast<size_t>(idx[i]) * p.x_ld + tok : xg;
-          cp_async16(bstage + bt_chunk_offset(kr, ch, C::CPR) * kChunk, src, valid);
+          const uint32_t dst = bstage + bt_chunk_offset(kr, ch, C::CPR) * kChunk;
+          if (idx[i] < -1 || idx[i] >= p.K) {  // not an input and not padding: never read it, poison the row
+            st_shared16(dst, kBf16 ? kNanPairBf16 : kNanPairF16);
+          } else {
+            const bool valid = idx[i] >= 0 && tok < p.x_ld;
+            const E* src = valid ? xg + static_cast<size_t>(idx[i]) * p.x_ld + tok : xg;
+            cp_async16(dst, src, valid);
+          }
         } else {
           const int nr = c >> 3, ch = c & 7;
           const int tok = n0 + nr, k = kt * kBK + ch * 8;
@@ -416,17 +429,32 @@ __global__ void __launch_bounds__(C::THREADS, HINM_MIN_BLOCKS(C)) spmm_kernel(co
 // ---------------------------------------------------------------------------------------------------------------
 // Host side: launch by configuration id.
 // ---------------------------------------------------------------------------------------------------------------
+// The device that runs work on `stream` (not necessarily the calling thread's current device).
+inline cudaError_t stream_device(cudaStream_t stream, int* device) {
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12080
+  return cudaStreamGetDevice(stream, device);
+#else
+  (void)stream;  // older runtimes: XLA makes the stream's device current before calling a handler
+  return cudaGetDevice(device);
+#endif
+}
+
 template <class C, bool kGather, bool kBf16>
-cudaError_t launch(const Params& p, int rows, cudaStream_t stream) {
+cudaError_t launch(const Params& p, int rows, int device, cudaStream_t stream) {
   auto kernel = spmm_kernel<C, kGather, kBf16>;
-  // The dynamic shared memory opt-in is per device; remember which devices are done.
+  // The dynamic shared memory opt-in is per device (the stream's); remember which devices are done.
   static std::atomic<uint64_t> configured{0};
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  const uint64_t bit = device < 64 ? (uint64_t{1} << device) : 0;
+  const uint64_t bit = device >= 0 && device < 64 ? (uint64_t{1} << device) : 0;
   if (bit == 0 || !(configured.load(std::memory_order_acquire) & bit)) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM_BYTES);
+    // cudaFuncSetAttribute applies to the current device: make it the stream's for the call.
+    int current = -1;
+    cudaError_t err = cudaGetDevice(&current);
+    if (err == cudaSuccess && current != device) err = cudaSetDevice(device);
+    if (err == cudaSuccess) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM_BYTES);
+    if (current >= 0 && current != device) {
+      const cudaError_t restore = cudaSetDevice(current);
+      if (err == cudaSuccess) err = restore;
+    }
     if (err != cudaSuccess) return err;
     configured.fetch_or(bit, std::memory_order_acq_rel);
   }
@@ -446,13 +474,15 @@ constexpr bool kHasDirect = (C::BM == 128);
 constexpr bool is_built(int id) { return HINM_SPMM_ONLY_CONFIG < 0 || id == HINM_SPMM_ONLY_CONFIG; }
 
 template <int ID, class C>
-cudaError_t dispatch_config(bool gather, bool bf16, const Params& p, int rows, cudaStream_t stream) {
+cudaError_t dispatch_config(bool gather, bool bf16, const Params& p, int rows, int device, cudaStream_t stream) {
   if constexpr (!is_built(ID)) {
     return cudaErrorInvalidConfiguration;
   } else {
-    if (gather) return bf16 ? launch<C, true, true>(p, rows, stream) : launch<C, true, false>(p, rows, stream);
+    if (gather) {
+      return bf16 ? launch<C, true, true>(p, rows, device, stream) : launch<C, true, false>(p, rows, device, stream);
+    }
     if constexpr (kHasDirect<C>) {
-      return bf16 ? launch<C, false, true>(p, rows, stream) : launch<C, false, false>(p, rows, stream);
+      return bf16 ? launch<C, false, true>(p, rows, device, stream) : launch<C, false, false>(p, rows, device, stream);
     }
     return cudaErrorInvalidConfiguration;
   }
@@ -470,11 +500,11 @@ constexpr ConfigInfo kConfigs[] = {HINM_SPMM_CONFIGS(HINM_INFO)};
 #undef HINM_INFO
 constexpr int kNumConfigs = sizeof(kConfigs) / sizeof(kConfigs[0]);
 
-cudaError_t dispatch(int config, bool gather, bool bf16, const Params& p, int rows, cudaStream_t stream) {
+cudaError_t dispatch(int config, bool gather, bool bf16, const Params& p, int rows, int device, cudaStream_t stream) {
   switch (config) {
 #define HINM_CASE(ID, BM, BN, WM, WN, S, MB) \
   case ID:                                   \
-    return dispatch_config<ID, Config<BM, BN, WM, WN, S, MB>>(gather, bf16, p, rows, stream);
+    return dispatch_config<ID, Config<BM, BN, WM, WN, S, MB>>(gather, bf16, p, rows, device, stream);
     HINM_SPMM_CONFIGS(HINM_CASE)
 #undef HINM_CASE
     default:
@@ -483,15 +513,102 @@ cudaError_t dispatch(int config, bool gather, bool bf16, const Params& p, int ro
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// XLA FFI handler.
+// Argument checks (host only, on shapes and attributes): shared by the FFI handler and the ctypes entry point
+// hinm_spmm_check, so a machine without a GPU tests exactly the checks the handler applies.
 // ---------------------------------------------------------------------------------------------------------------
-std::string dims_str(ffi::Span<const int64_t> d) {
+struct CallShapes {
+  int64_t x[2], values[2], meta[3], vidx[2], perm[1], y[2];
+  int64_t bias_count, bias_rank, bias0;
+  int64_t gather, config, vector_size, transposed_out;
+};
+
+std::string dims_str(const int64_t* d, int n) {
   std::string s = "(";
-  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
-  return s + (d.size() == 1 ? ",)" : ")");
+  for (int i = 0; i < n; ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + (n == 1 ? ",)" : ")");
 }
 
+// Fills the shape fields of `p` and returns "" when the call is valid, else what is wrong. `*empty` is set when the
+// output has no elements (nothing to launch).
+std::string check_call(const CallShapes& c, Params* p, bool* empty) {
+  const auto D = [](const int64_t* d, int n) { return dims_str(d, n); };
+  *empty = false;
+  if (c.config < 0 || c.config >= kNumConfigs || !kConfigs[c.config].built)
+    return "config=" + std::to_string(c.config) + " is not compiled into this library";
+  const ConfigInfo& cfg = kConfigs[c.config];
+  const bool transposed = c.transposed_out != 0;
+  if (c.transposed_out != 0 && c.transposed_out != 1)
+    return "transposed_out=" + std::to_string(c.transposed_out) + " must be 0 or 1";
+  if (c.gather != 0 && c.gather != 1) return "gather=" + std::to_string(c.gather) + " must be 0 or 1";
+  // A permutation is only applied by the y^T epilogue: with y written directly it would be ignored.
+  if (c.perm[0] != 0 && !transposed)
+    return "row_perm " + D(c.perm, 1) + " is not empty but transposed_out=0: the direct epilogue writes packed row r "
+           "to channel r and would ignore it (pass transposed_out=1, or row_perm (0,))";
+
+  // y: (T, O), or y^T: (O, T_y) with T_y a multiple of 8 (its padding tokens are written too).
+  const int64_t T = transposed ? c.y[1] : c.y[0], O = transposed ? c.y[0] : c.y[1];
+  const int64_t rows = c.values[0], Kc_p = c.values[1], K_vp = 2 * Kc_p;
+  if (T == 0 || O == 0) {
+    *empty = true;
+    return "";
+  }
+  const int64_t kMax = int64_t{1} << 30;
+  if (T >= kMax || O >= kMax || rows >= kMax || K_vp >= kMax) return "a dimension exceeds 2**30";
+  if (transposed && T % 8 != 0) return "y^T " + D(c.y, 2) + ": token axis must be a multiple of 8";
+  if (Kc_p <= 0 || Kc_p % kBKc != 0) return "values " + D(c.values, 2) + ": row length must be a multiple of 32";
+  if (rows % cfg.bm != 0 || O > rows)
+    return "values " + D(c.values, 2) + ": rows must be a multiple of BM=" + std::to_string(cfg.bm) +
+           " and >= O=" + std::to_string(O);
+  if (c.meta[0] != rows / 16 || c.meta[1] != K_vp / kKStep || c.meta[2] != kMetaWordsPerStep)
+    return "metadata " + D(c.meta, 3) + " does not match values " + D(c.values, 2);
+  if (c.perm[0] != rows && c.perm[0] != 0)
+    return "row_perm " + D(c.perm, 1) + " must be (0,) or match values " + D(c.values, 2);
+  if (c.bias_count != 0 && (c.bias_rank != 1 || c.bias0 != O))
+    return "bias (" + std::to_string(c.bias_count) + " elements) must be (0,) or (O,) with O=" + std::to_string(O);
+
+  p->T = static_cast<int>(T);
+  p->T_out = static_cast<int>(T);
+  p->O = static_cast<int>(O);
+  p->Kc_p = static_cast<int>(Kc_p);
+  p->K_vp = static_cast<int>(K_vp);
+  p->transposed_out = transposed ? 1 : 0;
+  if (c.gather) {
+    // x is x^T: (K, T_pad); tokens past T_pad are zero filled.
+    if (c.x[1] % 8 != 0 || c.x[1] >= kMax || c.x[0] >= kMax)
+      return "x^T " + D(c.x, 2) + ": token axis must be a multiple of 8";
+    if (c.vector_size <= 0 || c.vector_size % cfg.bm != 0 || rows % c.vector_size != 0)
+      return "vector_size=" + std::to_string(c.vector_size) + " must be a multiple of BM=" + std::to_string(cfg.bm) +
+             " dividing rows=" + std::to_string(rows);
+    if (c.vidx[0] != rows / c.vector_size || c.vidx[1] != K_vp)
+      return "vector_index " + D(c.vidx, 2) + " must be (rows / vector_size, K_vp) = (" +
+             std::to_string(rows / c.vector_size) + ", " + std::to_string(K_vp) + ")";
+    p->K = static_cast<int>(c.x[0]);
+    p->x_ld = static_cast<int>(c.x[1]);
+    p->V = static_cast<int>(c.vector_size);
+  } else {
+    if (!cfg.direct) return "config=" + std::to_string(c.config) + " has no direct (2:4) kernel";
+    if (c.x[1] % 8 != 0 || c.x[1] > K_vp || (transposed ? c.x[0] > T : c.x[0] != T))
+      return "x " + D(c.x, 2) + ": must be (T, K) with K a multiple of 8 and K <= " + std::to_string(K_vp);
+    p->K = static_cast<int>(c.x[1]);
+    p->x_ld = p->K;
+    p->V = static_cast<int>(rows);
+    p->T = static_cast<int>(c.x[0]);  // y^T may have padding tokens past the activation rows (computed as zeros)
+  }
+  if ((T + cfg.bn - 1) / cfg.bn > 65535) return "too many token tiles for one launch";
+  return "";
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// XLA FFI handler.
+// ---------------------------------------------------------------------------------------------------------------
 ffi::Error invalid(const std::string& what) { return ffi::Error::InvalidArgument("hinm_spmm: " + what); }
+
+template <size_t N>
+bool copy_dims(ffi::Span<const int64_t> d, int64_t (&out)[N]) {
+  if (d.size() != N) return false;
+  for (size_t i = 0; i < N; ++i) out[i] = d[i];
+  return true;
+}
 
 ffi::Error SpmmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer values, ffi::Buffer<ffi::U32> meta,
                     ffi::Buffer<ffi::S32> vidx, ffi::Buffer<ffi::S32> perm, ffi::Buffer<ffi::F32> bias,
@@ -500,77 +617,40 @@ ffi::Error SpmmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer values
   const ffi::DataType dt = x.element_type();
   if (dt != ffi::DataType::F16 && dt != ffi::DataType::BF16) return invalid("x must be float16 or bfloat16");
   if (values.element_type() != dt || y->element_type() != dt) return invalid("x, values and y dtypes differ");
-  const auto xd = x.dimensions(), vd = values.dimensions(), md = meta.dimensions(), id = vidx.dimensions();
-  const auto pd = perm.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || vd.size() != 2 || md.size() != 3 || id.size() != 2 || pd.size() != 1 || yd.size() != 2)
+  CallShapes c{};
+  if (!copy_dims(x.dimensions(), c.x) || !copy_dims(values.dimensions(), c.values) ||
+      !copy_dims(meta.dimensions(), c.meta) || !copy_dims(vidx.dimensions(), c.vidx) ||
+      !copy_dims(perm.dimensions(), c.perm) || !copy_dims(y->dimensions(), c.y))
     return invalid("ranks must be x 2, values 2, meta 3, vector_index 2, row_perm 1, y 2");
-  if (config < 0 || config >= kNumConfigs || !kConfigs[config].built)
-    return invalid("config=" + std::to_string(config) + " is not compiled into this library");
-  const ConfigInfo& cfg = kConfigs[config];
-
-  // y: (T, O), or y^T: (O, T_y) with T_y a multiple of 8 (its padding tokens are written too).
-  const int64_t T = transposed_out ? yd[1] : yd[0], O = transposed_out ? yd[0] : yd[1];
-  const int64_t rows = vd[0], Kc_p = vd[1], K_vp = 2 * Kc_p;
-  if (T == 0 || O == 0) return ffi::Error::Success();
-  const int64_t kMax = int64_t{1} << 30;
-  if (T >= kMax || O >= kMax || rows >= kMax || K_vp >= kMax) return invalid("a dimension exceeds 2**30");
-  if (transposed_out && T % 8 != 0) return invalid("y^T " + dims_str(yd) + ": token axis must be a multiple of 8");
-  if (Kc_p <= 0 || Kc_p % kBKc != 0) return invalid("values " + dims_str(vd) + ": row length must be a multiple of 32");
-  if (rows % cfg.bm != 0 || O > rows)
-    return invalid("values " + dims_str(vd) + ": rows must be a multiple of BM=" + std::to_string(cfg.bm) +
-                   " and >= O=" + std::to_string(O));
-  if (md[0] != rows / 16 || md[1] != K_vp / kKStep || md[2] != kMetaWordsPerStep)
-    return invalid("metadata " + dims_str(md) + " does not match values " + dims_str(vd));
-  if (pd[0] != rows && pd[0] != 0)
-    return invalid("row_perm " + dims_str(pd) + " must be (0,) or match values " + dims_str(vd));
-  if (bias.element_count() != 0 && (bias.dimensions().size() != 1 || bias.dimensions()[0] != O))
-    return invalid("bias " + dims_str(bias.dimensions()) + " must be (0,) or (O,) with O=" + std::to_string(O));
+  c.bias_count = static_cast<int64_t>(bias.element_count());
+  c.bias_rank = static_cast<int64_t>(bias.dimensions().size());
+  c.bias0 = c.bias_rank > 0 ? bias.dimensions()[0] : 0;
+  c.gather = gather;
+  c.config = config;
+  c.vector_size = vector_size;
+  c.transposed_out = transposed_out;
 
   Params p{};
+  bool empty = false;
+  const std::string why = check_call(c, &p, &empty);
+  if (!why.empty()) return invalid(why);
+  if (empty) return ffi::Error::Success();
   p.x = x.untyped_data();
   p.values = values.untyped_data();
   p.meta = meta.typed_data();
   p.vidx = vidx.typed_data();
-  p.perm = pd[0] ? perm.typed_data() : nullptr;
-  p.bias = bias.element_count() ? bias.typed_data() : nullptr;
+  p.perm = c.perm[0] ? perm.typed_data() : nullptr;
+  p.bias = c.bias_count ? bias.typed_data() : nullptr;
   p.y = y->untyped_data();
-  p.T = static_cast<int>(T);
-  p.T_out = static_cast<int>(T);
-  p.O = static_cast<int>(O);
-  p.Kc_p = static_cast<int>(Kc_p);
-  p.K_vp = static_cast<int>(K_vp);
-  p.transposed_out = transposed_out ? 1 : 0;
-  if (gather) {
-    // x is x^T: (K, T_pad); tokens past T_pad are zero filled.
-    if (xd[1] % 8 != 0 || xd[1] >= kMax)
-      return invalid("x^T " + dims_str(xd) + ": token axis must be a multiple of 8");
-    if (vector_size <= 0 || vector_size % cfg.bm != 0 || rows % vector_size != 0)
-      return invalid("vector_size=" + std::to_string(vector_size) + " must be a multiple of BM=" +
-                     std::to_string(cfg.bm) + " dividing rows=" + std::to_string(rows));
-    if (id[0] != rows / vector_size || id[1] != K_vp)
-      return invalid("vector_index " + dims_str(id) + " must be (rows / vector_size, K_vp) = (" +
-                     std::to_string(rows / vector_size) + ", " + std::to_string(K_vp) + ")");
-    p.K = static_cast<int>(xd[0]);
-    p.x_ld = static_cast<int>(xd[1]);
-    p.V = static_cast<int>(vector_size);
-  } else {
-    if (!cfg.direct) return invalid("config=" + std::to_string(config) + " has no direct (2:4) kernel");
-    if (xd[1] % 8 != 0 || xd[1] > K_vp || (transposed_out ? xd[0] > T : xd[0] != T))
-      return invalid("x " + dims_str(xd) + ": must be (T, K) with K a multiple of 8 and K <= " + std::to_string(K_vp));
-    p.K = static_cast<int>(xd[1]);
-    p.x_ld = p.K;
-    p.V = static_cast<int>(rows);
-    p.T = static_cast<int>(xd[0]);  // y^T may have padding tokens past the activation rows (computed as zeros)
-  }
-  if ((T + cfg.bn - 1) / cfg.bn > 65535) return invalid("too many token tiles for one launch");
 
   int device = 0, major = 0;
-  cudaError_t err = cudaGetDevice(&device);
+  cudaError_t err = stream_device(stream, &device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("hinm_spmm: ") + cudaGetErrorString(err));
   if (major < 8) return ffi::Error(ffi::ErrorCode::kUnimplemented, "hinm_spmm: mma.sp needs compute capability >= 8.0");
 
-  err = dispatch(static_cast<int>(config), gather != 0, dt == ffi::DataType::BF16, p, static_cast<int>(rows), stream);
+  err = dispatch(static_cast<int>(config), gather != 0, dt == ffi::DataType::BF16, p, static_cast<int>(c.values[0]),
+                 device, stream);
   if (err != cudaSuccess) return ffi::Error::Internal(std::string("hinm_spmm launch: ") + cudaGetErrorString(err));
   return ffi::Error::Success();
 }
@@ -604,6 +684,27 @@ extern "C" int hinm_spmm_config_info(int id, int* out) {
   const int v[10] = {c.id, c.bm, c.bn, c.warps_m, c.warps_n, c.stages, c.threads, c.smem_bytes, c.direct, c.built};
   for (int i = 0; i < 10; ++i) out[i] = v[i];
   return 0;
+}
+
+// The handler's argument checks on plain shapes: dims = x(2) values(2) meta(3) vidx(2) perm(1) y(2) bias(count, rank,
+// dim0) attrs(gather, config, vector_size, transposed_out) = 19 values. Returns 0 and an empty message when the call
+// is valid, else 1 and the message (truncated to msg_len - 1 bytes).
+extern "C" int hinm_spmm_check(const long long* dims, char* msg, int msg_len) {
+  hinm::CallShapes c{};
+  int i = 0;
+  for (auto* d : {&c.x[0], &c.x[1], &c.values[0], &c.values[1], &c.meta[0], &c.meta[1], &c.meta[2], &c.vidx[0],
+                  &c.vidx[1], &c.perm[0], &c.y[0], &c.y[1], &c.bias_count, &c.bias_rank, &c.bias0, &c.gather,
+                  &c.config, &c.vector_size, &c.transposed_out})
+    *d = dims[i++];
+  hinm::Params p{};
+  bool empty = false;
+  const std::string why = hinm::check_call(c, &p, &empty);
+  if (msg_len > 0) {
+    const size_t n = why.size() < static_cast<size_t>(msg_len - 1) ? why.size() : static_cast<size_t>(msg_len - 1);
+    why.copy(msg, n);
+    msg[n] = '\0';
+  }
+  return why.empty() ? 0 : 1;
 }
 
 extern "C" long long hinm_spmm_probe(int fn, int a, int b, int c) {

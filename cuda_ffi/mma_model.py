@@ -96,11 +96,15 @@ def mma_sp_m16n8k32(a, b, c, e, selector=0):
     pos = (e[lane].astype(np.uint64) >> shift.astype(np.uint64)) & 3
     if not np.all(pos[:, 0::2] < pos[:, 1::2]):
         raise ValueError("mma.sp::ordered_metadata: group indices must be strictly ascending")
-    dense_a = np.zeros((16, 32))
-    dense_a[A_ROW, 4 * A_GROUP + pos.astype(np.int64)] = np.asarray(a, np.float64)
+    # The instruction multiplies only the B rows the metadata selects (a NaN in another row
+    # does not reach D), so the product is a sum over the 16 kept values of each row.
+    comp = np.zeros((16, 16))
+    kcol = np.zeros((16, 16), np.int64)
+    comp[A_ROW, 2 * A_GROUP + A_ELEM] = np.asarray(a, np.float64)
+    kcol[A_ROW, 2 * A_GROUP + A_ELEM] = 4 * A_GROUP + pos.astype(np.int64)
     dense_b = np.zeros((32, 8))
     dense_b[B_K, B_N] = np.asarray(b, np.float64)
-    d = dense_a @ dense_b
+    d = np.einsum("ri,rin->rn", comp, dense_b[kcol])
     return np.asarray(c, np.float64) + d[C_ROW, C_COL]
 
 
@@ -180,8 +184,9 @@ def _gathered_inputs(x, packed):
         xt = np.zeros((1, kvp, t))
         xt[0, : min(k, kvp)] = x.T[: min(k, kvp)]
         return xt
-    safe = np.where(vi >= 0, vi, 0)
-    return np.where((vi >= 0)[..., None], x.T[safe], 0.0)
+    safe = np.where((vi >= 0) & (vi < k), vi, 0)
+    rows = np.where((vi >= 0)[..., None], x.T[safe], 0.0)
+    return np.where(((vi < -1) | (vi >= k))[..., None], np.nan, rows)  # invalid entries: NaN, as the kernel
 
 
 def fragment_product(x, packed, out_features, bias=None):
@@ -280,7 +285,9 @@ def emulate_kernel(x, packed, out_features, config, bias=None, out_dtype=np.floa
                         idx = vidx[blk, kt * 64 + kr]
                         for ch in range(cpr):
                             tok = n0 + ch * 8
-                            if idx >= 0 and tok < src.shape[1]:
+                            if idx < -1 or idx >= k:  # not an input, not padding: NaN, never read
+                                b_s[bt_chunk_offset(kr, ch, cpr) * 8 + chunk8] = np.nan
+                            elif idx >= 0 and tok < src.shape[1]:
                                 b_s[bt_chunk_offset(kr, ch, cpr) * 8 + chunk8] = src[idx, tok + chunk8]
                 else:
                     for nr in range(bn):

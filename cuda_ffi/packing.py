@@ -24,8 +24,18 @@ The canonical format (one matrix, ``n = 2``, ``m = 4``) is ``values (O, K_v/2)``
   permutation), so the kernel writes ``y`` directly instead of ``y^T`` (see ``hinm_spmm.cu``).
 
 :func:`pack` is written against the array API subset shared by numpy and ``jax.numpy``:
-numpy at conversion time (with validation), ``jax.numpy`` when a weight is packed inside a
-traced function.
+numpy at conversion time (with validation: broken inputs raise ``ValueError``), ``jax.numpy``
+when a weight is packed inside a traced function, where nothing can raise. There, inputs
+the instruction or the kernel cannot take are made safe instead:
+
+- a 2:4 group whose two positions are not strictly ascending (a stripe with fewer than two
+  kept values can be compressed that way) is rewritten to the same product with ascending
+  positions: swapped pairs are swapped back with their values, and a repeated position
+  ``p`` becomes ``p`` holding the sum of both values plus position ``p ^ 1`` holding zero
+  (``mma.sp::ordered_metadata`` is undefined for anything else);
+- a vector index entry outside ``0 .. in_features - 1`` (or negative, when ``in_features``
+  is not given) becomes :data:`INVALID_INDEX`: the kernel never reads such a row and
+  writes NaN to every output that uses it, rather than reading out of bounds.
 
 Example:
     >>> import numpy as np
@@ -53,6 +63,9 @@ __all__ = [
     "Layout",
     "is_direct",
     "packed_shapes",
+    "INVALID_INDEX",
+    "unpack_positions",
+    "ordered_pairs",
 ]
 
 #: ``K_v`` is padded to a multiple of this (the kernel's logical K per pipeline stage).
@@ -61,6 +74,8 @@ K_ALIGN = 64
 DIRECT_ROW_ALIGN = 128
 #: Metadata word of padding: every group of 4 keeps positions (0, 1).
 PAD_META_WORD = 0x44444444
+#: Vector index entry the traced packer gives an input outside ``0..K-1``: never read, NaN out.
+INVALID_INDEX = -2
 
 
 def _round_up(a: int, b: int) -> int:
@@ -121,6 +136,53 @@ def is_direct(vector_index) -> bool:
     return vi.shape[0] == 1 and bool(np.array_equal(vi[0], np.arange(vi.shape[1])))
 
 
+def unpack_positions(metadata, count: int, xp=np):
+    """Canonical 2-bit metadata ``(O, words)`` uint32 -> positions ``(O, count)`` uint32
+    (entry ``i`` in bits ``2 (i % 16)`` of word ``i // 16``, least-significant first)."""
+    shifts = (xp.arange(16, dtype=xp.uint32) * 2).astype(xp.uint32)
+    pos = (metadata.astype(xp.uint32)[..., None] >> shifts) & xp.uint32(3)
+    return pos.reshape(metadata.shape[:-1] + (-1,))[..., :count]
+
+
+def _pack_positions(pos, words: int, xp=np):
+    """Inverse of :func:`unpack_positions`: ``(O, count)`` in 0..3 -> ``(O, words)`` uint32."""
+    o, count = pos.shape
+    pos = xp.concatenate([pos.astype(xp.uint32), xp.zeros((o, 16 * words - count), dtype=xp.uint32)], axis=1)
+    shifts = (xp.arange(16, dtype=xp.uint32) * 2).astype(xp.uint32)
+    # Fields do not overlap: their sum is their bitwise or.
+    return xp.sum(pos.reshape(o, words, 16) << shifts, axis=-1, dtype=xp.uint32)
+
+
+def ordered_pairs(values, metadata, xp=np):
+    """The same 2:4 weight with strictly ascending positions in every group of 4.
+
+    ``values (O, K_v/2)`` and ``metadata (O, words)`` canonical. A group ``(p0, v0), (p1,
+    v1)`` with ``p0 > p1`` becomes ``(p1, v1), (p0, v0)``; one with ``p0 == p1`` (the
+    expansion adds both values at ``p0``) becomes ``p0`` holding ``v0 + v1`` and ``p0 ^ 1``
+    holding zero, in ascending order. Ascending groups are unchanged. Traceable.
+
+    Returns:
+      ``(values, metadata)``.
+    """
+    o, kc = values.shape
+    words = metadata.shape[1]
+    pos = unpack_positions(metadata, kc, xp).astype(xp.int32)
+    p0, p1 = pos[:, 0::2], pos[:, 1::2]
+    v0, v1 = values[:, 0::2], values[:, 1::2]
+    same = p0 == p1
+    q = p0 ^ 1
+    lo = xp.where(same, xp.minimum(p0, q), xp.minimum(p0, p1))
+    hi = xp.where(same, xp.maximum(p0, q), xp.maximum(p0, p1))
+    zero = xp.zeros_like(v0)
+    total = v0 + v1
+    first = p0 < p1
+    v_lo = xp.where(same, xp.where(lo == p0, total, zero), xp.where(first, v0, v1))
+    v_hi = xp.where(same, xp.where(hi == p0, total, zero), xp.where(first, v1, v0))
+    vals = xp.stack([v_lo, v_hi], axis=-1).reshape(o, kc)
+    new_pos = xp.stack([lo, hi], axis=-1).reshape(o, kc)
+    return vals, _pack_positions(new_pos, words, xp)
+
+
 def _validate(values, metadata, vector_index, row_perm, in_features):
     o, kc = values.shape
     nb, kv = vector_index.shape
@@ -138,9 +200,7 @@ def _validate(values, metadata, vector_index, row_perm, in_features):
     if vector_index.size and (vector_index.min() < 0 or vector_index.max() >= limit):
         raise ValueError(f"vector_index: shape={vector_index.shape} has entries outside 0..{limit - 1}")
     # Unpack positions, check each group of 4 keeps two strictly ascending positions.
-    shifts = (np.arange(16, dtype=np.uint32) * 2).astype(np.uint32)
-    pos = ((metadata[..., None] >> shifts) & np.uint32(3)).reshape(o, -1)[:, :kc]
-    pairs = pos.reshape(o, kc // 2, 2)
+    pairs = unpack_positions(metadata, kc).reshape(o, kc // 2, 2)
     if not np.all(pairs[..., 0] < pairs[..., 1]):
         raise ValueError(
             f"metadata: shape={metadata.shape}: the two positions of every 2:4 group must be strictly "
@@ -158,8 +218,11 @@ def pack(values, metadata, vector_index, row_perm, *, direct=None, in_features=N
       row_perm: ``(O,)`` int32.
       direct: pack for the direct (no gather) kernel. ``None``: decide from the concrete
         ``vector_index`` (numpy only); ``True`` requires the identity index of plain N:M.
-      in_features: ``K``, to check the vector index against (numpy only, optional).
-      xp: ``numpy`` (validates its inputs) or ``jax.numpy`` (traceable, no checks).
+      in_features: ``K``, to check the vector index against (optional): numpy raises for
+        entries outside ``0..K-1``; ``jax.numpy`` maps them to :data:`INVALID_INDEX`.
+      xp: ``numpy`` (validates its inputs) or ``jax.numpy`` (traceable; makes unordered
+        groups ascending and out-of-range indices invalid instead of raising, see the
+        module docstring).
 
     Returns:
       ``{"values", "metadata", "vector_index", "row_perm"}`` in the kernel's layout.
@@ -177,8 +240,16 @@ def pack(values, metadata, vector_index, row_perm, *, direct=None, in_features=N
             direct = is_direct(vector_index)
         elif direct and not is_direct(vector_index):
             raise ValueError(f"vector_index: shape={vector_index.shape}: direct=True needs the identity index")
-    elif direct is None:
-        raise ValueError("direct=None needs concrete (numpy) arrays; pass direct=True/False")
+    else:
+        if direct is None:
+            raise ValueError("direct=None needs concrete (numpy) arrays; pass direct=True/False")
+        # Nothing can raise under a trace: make what the kernel cannot take safe instead.
+        values, metadata = ordered_pairs(values, metadata.astype(xp.uint32), xp)
+        vector_index = vector_index.astype(xp.int32)
+        bad = vector_index < 0
+        if in_features is not None:
+            bad = bad | (vector_index >= in_features)
+        vector_index = xp.where(bad, xp.int32(INVALID_INDEX), vector_index)
     if direct and nb != 1:
         raise ValueError(f"vector_index: shape={vector_index.shape}: the direct kernel needs a single block")
     v = o // nb

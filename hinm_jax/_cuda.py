@@ -28,6 +28,7 @@ import numpy as np
 import cuda_ffi
 from cuda_ffi import packing as cuda_packing
 from cuda_ffi import tiles as cuda_tiles
+from hinm_jax import _xla
 from hinm_jax.format import SparseWeight
 from hinm_jax.patterns import NM
 
@@ -93,14 +94,22 @@ def _pack_matrix(w: SparseWeight, values, metadata, vector_index, row_perm) -> d
     if concrete is not None:
         direct = True if isinstance(w.pattern, NM) else None
         return cuda_packing.pack(*concrete, direct=direct, in_features=k)
-    return cuda_packing.pack(values, metadata, vector_index, row_perm, direct=isinstance(w.pattern, NM), xp=jnp)
+    return cuda_packing.pack(
+        values, metadata, vector_index, row_perm, direct=isinstance(w.pattern, NM), in_features=k, xp=jnp
+    )
 
 
 def pack(w: SparseWeight) -> dict | None:
-    """The kernel layout of ``w`` (see :mod:`cuda_ffi.packing`), or ``None`` when the
-    kernel cannot run ``w`` (its matmul then falls through to another backend).
+    """The kernel layout of ``w`` (see :mod:`cuda_ffi.packing`) as device arrays
+    (``jax.Array``), or ``None`` when the kernel cannot run ``w`` (its matmul then falls
+    through to another backend).
 
-    Concrete arrays are packed with numpy (validated); traced ones with ``jax.numpy``.
+    Concrete weights are validated (:meth:`SparseWeight.validate`, ``ValueError`` for a
+    broken one) and packed with numpy, then put on the default device once, so that a
+    jitted function taking the packed weight does not upload it on every call. Traced ones
+    are packed with ``jax.numpy``, which cannot raise: there, 2:4 groups with unordered
+    positions are reordered and vector index entries outside ``0..K-1`` are marked invalid
+    (the kernel writes NaN for the outputs that use them; see :mod:`cuda_ffi.packing`).
     Stacked weights get a leading stack axis on every array.
 
     Example:
@@ -111,16 +120,24 @@ def pack(w: SparseWeight) -> dict | None:
         return None
     fn = lambda *arrays: _pack_matrix(flat, *arrays)
     arrays = (w.values, w.metadata, w.vector_index, w.row_perm)
+    concrete = _concrete(arrays) is not None
+    if concrete:
+        # Concrete arrays may still be closed over by a function being traced: evaluate the
+        # checks eagerly rather than staging them into that trace.
+        with jax.ensure_compile_time_eval():
+            w.validate()
     if not w.stack_axes:
-        return fn(*arrays)
-    lead = w.shape[: w.stack_axes]
-    flat_arrays = [jnp.reshape(a, (-1,) + a.shape[w.stack_axes :]) for a in arrays]
-    if _concrete(arrays) is None:
-        out = jax.vmap(fn)(*flat_arrays)
+        out = fn(*arrays)
     else:
-        parts = [fn(*(a[i] for a in flat_arrays)) for i in range(flat_arrays[0].shape[0])]
-        out = {key: np.stack([p[key] for p in parts]) for key in parts[0]}
-    return {key: v.reshape(lead + v.shape[1:]) for key, v in out.items()}
+        lead = w.shape[: w.stack_axes]
+        flat_arrays = [jnp.reshape(a, (-1,) + a.shape[w.stack_axes :]) for a in arrays]
+        if not concrete:
+            out = jax.vmap(fn)(*flat_arrays)
+        else:
+            parts = [fn(*(np.asarray(a[i]) for a in flat_arrays)) for i in range(flat_arrays[0].shape[0])]
+            out = {key: np.stack([p[key] for p in parts]) for key in parts[0]}
+        out = {key: v.reshape(lead + v.shape[1:]) for key, v in out.items()}
+    return {key: jnp.asarray(v) for key, v in out.items()}
 
 
 def _kernel_matmul(x, packed: dict, out_features: int, bias):
@@ -128,9 +145,7 @@ def _kernel_matmul(x, packed: dict, out_features: int, bias):
 
 
 def _reference(x, w: SparseWeight, bias):
-    from hinm_jax.ops import reference_matmul  # ops imports this module lazily
-
-    y = reference_matmul(x, w)
+    y = _xla.matmul(x, w)
     return y if bias is None else (y + bias).astype(y.dtype)
 
 

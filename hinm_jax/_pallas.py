@@ -6,6 +6,13 @@ On an NVIDIA GPU the kernel is compiled by the Pallas Triton lowering; on CPU it
 in Pallas interpret mode (slow: for tests), and only when asked for explicitly
 (``implementation="pallas"``); the default dispatch on CPU uses the reference.
 
+It runs exactly what the Triton lowering can compile, in interpret mode too: one matrix
+(no stack axes), float32/float16/bfloat16, a vector size that is a multiple of 16, a
+stripe length ``m`` that is a power of two (NM(2, 4), NM(2, 8), HiNM(., ., n, 4),
+VectorWise, ...), and operands whose element offsets fit in int32. Anything else raises
+``NotImplementedError`` (so the default dispatch falls through to the reference) and
+:func:`pack` returns ``None`` for it.
+
 Example:
     >>> import jax, jax.numpy as jnp, hinm_jax
     >>> params = {"w": jax.random.normal(jax.random.key(0), (256, 128))}
@@ -24,10 +31,11 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from hinm_jax import _xla
 from hinm_jax.format import SparseWeight
 from hinm_jax.patterns import NM
 
-__all__ = ["NAME", "is_available", "pack", "matmul"]
+__all__ = ["NAME", "is_available", "supports", "pack", "matmul"]
 
 NAME = "pallas"
 
@@ -39,6 +47,17 @@ def is_available() -> bool:
 
 def _interpret() -> bool:
     return jax.default_backend() != "gpu"
+
+
+def supports(w: SparseWeight) -> str | None:
+    """Why the kernel cannot run ``w`` (ignoring the activations), or ``None`` if it can."""
+    if not isinstance(w, SparseWeight) or w.pattern is None:
+        return "not a compressed SparseWeight"
+    if w.stack_axes:
+        return f"shape={w.shape} stack_axes={w.stack_axes}: one matrix at a time"
+    if jnp.dtype(w.dtype) not in pallas_kernels.SUPPORTED_DTYPES:
+        return f"shape={w.shape} pattern {w.pattern}: dtype {w.dtype}: float32, float16 or bfloat16 only"
+    return pallas_kernels.unsupported(w.vector_size, w.m)
 
 
 def _pack_matrix(w: SparseWeight, values, metadata, vector_index, row_perm) -> dict:
@@ -54,14 +73,19 @@ def _pack_matrix(w: SparseWeight, values, metadata, vector_index, row_perm) -> d
     return {k: v for k, v in packed._asdict().items() if v is not None}
 
 
-def pack(w: SparseWeight) -> dict:
-    """The kernel layout of ``w`` (see :mod:`pallas_kernels.packing`): ``values``
-    ``(*stack, O, n, J_pad)``, ``positions`` uint8 (absent for VectorWise),
-    ``vector_index`` ``(*stack, O/V, m, J_pad)`` (absent for plain N:M) and ``row_perm``.
+def pack(w: SparseWeight) -> dict | None:
+    """The kernel layout of ``w`` (see :mod:`pallas_kernels.packing`) as ``jax.Array``
+    leaves: ``values`` ``(*stack, O, n, J_pad)``, ``positions`` uint8 (absent for
+    VectorWise), ``vector_index`` ``(*stack, O/V, m, J_pad)`` (absent for plain N:M) and
+    ``row_perm``; ``None`` when the kernel cannot run ``w`` (see :func:`supports`; stack
+    axes are packed, the matmul takes one matrix).
 
     Example:
         >>> packed = pack(sw)  # doctest: +SKIP
     """
+    flat = dataclasses.replace(w, stack_axes=0, shape=w.shape[w.stack_axes :]) if w.stack_axes else w
+    if supports(flat) is not None:
+        return None
     fn = lambda *arrays: _pack_matrix(w, *arrays)
     for _ in range(w.stack_axes):
         fn = jax.vmap(fn)
@@ -82,9 +106,7 @@ def _kernel_matmul(x, w: SparseWeight, packed: dict):
 
 
 def _reference(x, w: SparseWeight):
-    from hinm_jax.ops import reference_matmul  # ops imports this module lazily
-
-    return reference_matmul(x, w)
+    return _xla.matmul(x, w)
 
 
 @jax.custom_vjp
@@ -115,26 +137,27 @@ def matmul(x, w: SparseWeight, bias=None):
     otherwise packs in-graph. Differentiable (the backward pass is the reference's).
 
     Raises:
-      NotImplementedError: stacked weights, a dtype other than float32/float16/bfloat16,
-        or a vector size that is not a multiple of 16.
+      NotImplementedError: what the Triton lowering cannot compile (see the module
+        docstring): stacked weights, a dtype other than float32/float16/bfloat16, a vector
+        size that is not a multiple of 16, a stripe length that is not a power of two, or
+        operands too large for int32 offsets.
     """
-    if w.stack_axes:
-        raise NotImplementedError(f"pallas: shape={w.shape} stack_axes={w.stack_axes}: one matrix at a time")
+    why = supports(w)
+    if why is not None:
+        raise NotImplementedError(f"pallas: {why}")
+    if x.ndim != 2:
+        raise NotImplementedError(f"pallas: x: shape={x.shape}: expected (T, K)")
     dtype = jnp.dtype(jnp.result_type(x.dtype, w.dtype))
     if dtype not in pallas_kernels.SUPPORTED_DTYPES:
         raise NotImplementedError(
-            f"pallas: dtype {dtype} (x {x.dtype}, w {w.dtype}): float32, float16 or bfloat16 only"
+            f"pallas: shape={w.shape} pattern {w.pattern}: dtype {dtype} (x {x.dtype}, w {w.dtype}): "
+            "float32, float16 or bfloat16 only"
         )
-    k, o = w.matrix_shape
-    if w.vector_size % pallas_kernels.MIN_TILE:
-        raise NotImplementedError(
-            f"pallas: shape={w.shape} pattern {w.pattern}: vector size {w.vector_size} is not a multiple of "
-            f"{pallas_kernels.MIN_TILE}"
-        )
+    _, o = w.matrix_shape
     x = x.astype(dtype)
     if x.shape[0] == 0:
         return jnp.zeros((0, o), dtype)
-    packed = w.packed if w.packed_for == NAME else pack(w)
+    packed = w.packed if (w.packed_for == NAME and w.packed is not None) else pack(w)
     plain = dataclasses.replace(w, packed=None, packed_for=None)
     y = _matmul(x, plain, packed)
     return y if bias is None else (y + bias).astype(y.dtype)

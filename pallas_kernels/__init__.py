@@ -16,7 +16,7 @@ Example:
 """
 
 from pallas_kernels import testing
-from pallas_kernels.block_sizes import MIN_TILE, BlockSizes, default_block_k, tuning_candidates
+from pallas_kernels.block_sizes import MAX_OFFSET, MIN_TILE, BlockSizes, default_block_k, tuning_candidates, unsupported
 from pallas_kernels.packing import PackedHiNM, pack, unpack_positions
 from pallas_kernels.spmm import SUPPORTED_DTYPES, hinm_spmm
 
@@ -24,6 +24,8 @@ __all__ = [
     "BlockSizes",
     "default_block_k",
     "MIN_TILE",
+    "MAX_OFFSET",
+    "unsupported",
     "tuning_candidates",
     "PackedHiNM",
     "pack",

@@ -19,9 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["BlockSizes", "default_block_k", "largest_pow2_divisor", "tuning_candidates", "MIN_TILE"]
+__all__ = [
+    "BlockSizes",
+    "default_block_k",
+    "largest_pow2_divisor",
+    "tuning_candidates",
+    "unsupported",
+    "MIN_TILE",
+    "MAX_OFFSET",
+]
 
 MIN_TILE = 16  # smallest dot dimension the Triton lowering accepts
+#: Element offsets inside one operand are int32 in the kernel: every operand must hold fewer elements.
+MAX_OFFSET = 2**31 - 1
 
 
 def _is_pow2(v: int) -> bool:
@@ -40,16 +50,34 @@ def largest_pow2_divisor(v: int, cap: int) -> int:
     return p
 
 
+def unsupported(vector_size: int, m: int) -> str | None:
+    """Why the compiled kernel cannot run a weight of vector size ``V`` and stripe length
+    ``m`` (``None`` if it can): every tile must be a power of two, so ``m`` must be one (the
+    expanded weight tile is ``block_rows x (m * stripes)``), and ``V`` a multiple of 16.
+
+    Example:
+        >>> unsupported(64, 4) is None, unsupported(64, 3)
+        (True, 'm=3: the Pallas kernel needs a power-of-two stripe length (Triton tiles are powers of two)')
+    """
+    if not _is_pow2(m):
+        return f"m={m}: the Pallas kernel needs a power-of-two stripe length (Triton tiles are powers of two)"
+    if vector_size % MIN_TILE:
+        return f"vector_size={vector_size}: the Pallas kernel needs V to be a multiple of {MIN_TILE}"
+    return None
+
+
 def default_block_k(m: int, kept_inputs: int, target: int = 128) -> int:
     """Kept inputs per inner step: about ``target`` (128: bf16 tiles of 128 x 128 per
-    step), at least 16 stripes, no more stripes than the block has (rounded up to a
-    power of two).
+    step) with a power-of-two number of stripes, at least 16 stripes, no more stripes
+    than the block has (rounded up to a power of two).
 
     Example:
         >>> default_block_k(4, 2048), default_block_k(4, 32), default_block_k(1, 1000)
         (128, 64, 128)
+        >>> default_block_k(3, 3000) // 3  # stripes: a power of two even when 128 // m is not
+        32
     """
-    stripes = max(MIN_TILE, target // m)
+    stripes = max(MIN_TILE, 1 << max(0, (target // m).bit_length() - 1))  # largest power of two <= target // m
     stripes = max(MIN_TILE, min(stripes, _next_pow2(-(-kept_inputs // m))))
     return stripes * m
 

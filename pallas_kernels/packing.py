@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.block_sizes import MIN_TILE, default_block_k
+from pallas_kernels.block_sizes import MIN_TILE, _is_pow2, default_block_k
 
 __all__ = ["PackedHiNM", "pack", "unpack_positions", "metadata_bits"]
 
@@ -97,6 +97,11 @@ def pack(
 
     Returns:
       A :class:`PackedHiNM`. Works under ``jax.jit`` (all arguments but the arrays static).
+
+    Raises:
+      ValueError: shapes that do not form a ``(V, K_v, n, m)`` structure, or a ``block_k``
+        that does not fit ``m``.
+      NotImplementedError: ``m`` is not a power of two (the kernel cannot run it).
     """
     values = jnp.asarray(values)
     vector_index = jnp.asarray(vector_index)
@@ -109,6 +114,8 @@ def pack(
             f"pack: values.shape={values.shape} vector_index.shape={vector_index.shape} "
             f"row_perm.shape={tuple(row_perm.shape)} do not form a (V, K_v, n={n}, m={m}) structure"
         )
+    if not _is_pow2(m):
+        raise NotImplementedError(f"pack: m={m}: the Pallas kernel needs a power-of-two stripe length")
     j = kv // m
     block_k = default_block_k(m, kv) if block_k is None else block_k
     if block_k % m or block_k // m < MIN_TILE or (block_k // m) & (block_k // m - 1):
@@ -121,7 +128,7 @@ def pack(
                 f"pack: identity_index with vector_index.shape={vector_index.shape}: needs one block"
             )
         if not isinstance(vector_index, jax.core.Tracer) and not np.array_equal(
-            np.asarray(vector_index[0]), np.arange(kv)
+            np.asarray(vector_index)[0], np.arange(kv)  # index in numpy: no op staged into a trace
         ):
             raise ValueError("pack: identity_index=True but vector_index is not arange(K)")
     return _pack_arrays(

@@ -47,7 +47,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.block_sizes import BlockSizes
+from pallas_kernels.block_sizes import MAX_OFFSET, BlockSizes, unsupported
 
 __all__ = ["hinm_spmm", "SUPPORTED_DTYPES"]
 
@@ -169,7 +169,10 @@ def hinm_spmm(
 
     Raises:
       ValueError: inconsistent shapes or dtypes, or block sizes that do not fit.
-      NotImplementedError: a vector size that is not a multiple of 16.
+      NotImplementedError: what the Triton lowering cannot compile (in interpret mode
+        too, so that both modes run the same set): a vector size that is not a multiple
+        of 16, a stripe length ``m`` that is not a power of two, or an operand with
+        ``2**31`` elements or more (the kernel's element offsets are int32).
     """
     if activations_kt:
         k, t = x.shape
@@ -215,6 +218,18 @@ def hinm_spmm(
                 f"inputs < K={k}"
             )
 
+    why = unsupported(vector_size, m)
+    if why is not None:
+        raise NotImplementedError(f"hinm_spmm: {why}")
+    sizes = {"x": k * t, "y": t * o, "values": o * n * j_pad}
+    if gather:
+        sizes["vector_index"] = vector_index.shape[0] * m * j_pad
+    too_big = {name: size for name, size in sizes.items() if size > MAX_OFFSET}
+    if too_big:
+        raise NotImplementedError(
+            f"hinm_spmm: x.shape={x.shape} values.shape={values.shape}: {too_big} elements: the kernel's "
+            "offsets are int32 (at most 2**31 - 1 elements per operand); split the tokens"
+        )
     if block_sizes is None:
         block_sizes = BlockSizes.default(t, vector_size, j_pad * m, m, dtype)
         while block_sizes.block_k // m > 16 and j_pad % (block_sizes.block_k // m):
@@ -226,10 +241,6 @@ def hinm_spmm(
             f"of block_k // m = {stripes} (pack with the same block_k)"
         )
     if vector_size % block_sizes.block_rows:
-        if vector_size % 16:
-            raise NotImplementedError(
-                f"hinm_spmm: vector_size={vector_size}: the Pallas kernel needs V to be a multiple of 16"
-            )
         raise ValueError(
             f"hinm_spmm: block_rows={block_sizes.block_rows} does not divide vector_size={vector_size}"
         )

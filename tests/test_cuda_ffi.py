@@ -22,9 +22,13 @@ import pytest
 import hinm_jax
 from cuda_ffi import build, ffi, mma_model, packing, tiles
 from hinm_jax import _cuda
-from hinm_jax.format import SparseWeight
-from hinm_jax.ops import reference_matmul
+from hinm_jax.format import SparseWeight, pack_metadata, unpack_metadata
 from test_cuda_pack import activations, canonical
+
+
+def reference_matmul(x, w):
+    """The library's reference path (pure jnp), through the public API."""
+    return hinm_jax.sparse_matmul(x, w, implementation="xla")
 
 needs_nvcc = pytest.mark.skipif(build.find_nvcc() is None, reason="nvcc not found")
 
@@ -163,6 +167,46 @@ def test_failed_build_reports_nvcc_output(tmp_path, monkeypatch):
     assert not list(tmp_path.rglob("*.so"))
 
 
+def _call(w, t, config, bias=False):
+    """What ffi.spmm hands the FFI call for ``w`` packed, with ``t`` tokens."""
+    packed = _cuda.pack(w)
+    o = w.shape[1]
+    x = jnp.ones((t, w.shape[0]), w.dtype)
+    b = jnp.ones((o,), jnp.float32) if bias else None
+    return ffi.call_operands(x, packed, o, b, config=config)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("v,t", [(128, 40), (None, 40), (128, 3)], ids=["hinm", "2:4", "hinm-t3"])
+def test_handler_accepts_what_spmm_passes(small_library, v, t):
+    """The handler's own checks (compiled C++, called through ctypes) accept exactly the
+    operands ffi.spmm builds, with and without a bias."""
+    lib = ffi.library(str(small_library))
+    w, _ = sparse_weight(3, 256, 256, v)
+    for bias in (False, True):
+        operands, out_shape, attrs, _ = _call(w, t, tiles.CONFIGS[0], bias)
+        assert ffi.check_call(lib, operands, out_shape, attrs) is None
+
+
+@needs_nvcc
+def test_handler_rejects_a_permutation_it_would_ignore(small_library):
+    """A non-empty row_perm is applied only by the y^T epilogue: with transposed_out=0 the
+    handler used to ignore it silently (wrong channels); now it is an error."""
+    lib = ffi.library(str(small_library))
+    w, _ = sparse_weight(4, 256, 256, 128)  # shuffled channels: row_perm is not empty
+    operands, out_shape, attrs, transposed = _call(w, 40, tiles.CONFIGS[0])
+    assert transposed and operands[4].shape == (256,)
+    direct_out = (40, 256)
+    why = ffi.check_call(lib, operands, direct_out, dict(attrs, transposed_out=np.int64(0)))
+    assert why is not None and "row_perm (256,)" in why and "transposed_out=0" in why
+    # The same call with an empty permutation is fine (packed rows are the channels).
+    no_perm = operands[:4] + (jnp.zeros((0,), jnp.int32),) + operands[5:]
+    assert ffi.check_call(lib, no_perm, direct_out, dict(attrs, transposed_out=np.int64(0))) is None
+    # Other checks still answer through the same function.
+    assert "bias" in ffi.check_call(lib, operands[:5] + (jnp.zeros((3,), jnp.float32),), out_shape, attrs)
+    assert "not compiled" in ffi.check_call(lib, operands, out_shape, dict(attrs, config=np.int64(5)))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Lowering for the CUDA platform (no GPU needed).
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,6 +283,64 @@ def test_not_available_without_a_gpu():
         pytest.skip("a GPU is present")
     assert not _cuda.is_available()
     assert "cuda" not in hinm_jax.available_implementations()
+
+
+def _corrupt_vector_index(w: SparseWeight, k: int) -> SparseWeight:
+    vi = np.array(w.vector_index)
+    vi[0, 3], vi[1, 0] = k + 5, -7  # out of range both ways
+    return dataclasses.replace(w, vector_index=jnp.asarray(vi))
+
+
+@pytest.mark.parametrize("v", [32, None], ids=["hinm", "2:4"])
+def test_packed_leaves_are_device_arrays(v):
+    """pack_for stores jax.Arrays (on the default device), not numpy arrays that a jitted
+    call would upload again on every call; stacked weights too."""
+    w, _ = sparse_weight(0, 256, 128, v)
+    packed = hinm_jax.pack_for({"a": w}, "cuda")["a"].packed
+    leaves = jax.tree.leaves(packed)
+    assert len(leaves) == 4
+    for leaf in leaves:
+        assert isinstance(leaf, jax.Array) and not isinstance(leaf, np.ndarray), type(leaf)
+    ws = [sparse_weight(s, 128, 64, 32)[0] for s in range(2)]
+    stacked = SparseWeight(
+        **{f: jnp.stack([getattr(x, f) for x in ws]) for f in ("values", "metadata", "vector_index", "row_perm")},
+        shape=(2, 128, 64),
+        pattern=ws[0].pattern,
+        stack_axes=1,
+    )
+    for leaf in jax.tree.leaves(_cuda.pack(stacked)):
+        assert isinstance(leaf, jax.Array) and leaf.shape[0] == 2
+
+
+def test_concrete_pack_validates_and_traced_pack_marks_bad_indices():
+    """A concrete weight with a vector index entry outside 0..K-1 is refused when packed
+    (ValueError naming it); packed under jit (where nothing can raise) the entry becomes
+    INVALID_INDEX, which the kernel never reads (NaN out, see test_cuda_pack)."""
+    w, _ = sparse_weight(1, 128, 64, 32)
+    bad = _corrupt_vector_index(w, 128)
+    with pytest.raises(ValueError, match="vector_index"):
+        _cuda.pack(bad)
+    with pytest.raises(ValueError, match="vector_index"):
+        hinm_jax.pack_for(bad, "cuda")
+    vi = np.asarray(jax.jit(_cuda.pack)(bad)["vector_index"])
+    good = np.asarray(jax.jit(_cuda.pack)(w)["vector_index"])
+    assert vi[0, 3] == packing.INVALID_INDEX and vi[1, 0] == packing.INVALID_INDEX
+    assert np.count_nonzero(vi != good) == 2  # everything else packs as before
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cuda_metadata_codec_agrees_with_format(seed):
+    """cuda_ffi keeps its own 2-bit codec (it must not import hinm_jax): it reads what
+    hinm_jax.format writes, and the format reads what it writes."""
+    rng = np.random.default_rng(seed)
+    o, count = 24, int(rng.integers(1, 70))
+    pos = rng.integers(0, 4, size=(o, count)).astype(np.uint32)
+    words = np.asarray(pack_metadata(jnp.asarray(pos), 4))
+    np.testing.assert_array_equal(packing.unpack_positions(words, count), pos)
+    np.testing.assert_array_equal(np.asarray(packing.unpack_positions(jnp.asarray(words), count, jnp)), pos)
+    mine = packing._pack_positions(pos, words.shape[1])
+    np.testing.assert_array_equal(mine, words)
+    np.testing.assert_array_equal(np.asarray(unpack_metadata(jnp.asarray(mine), 4, count)), pos)
 
 
 def test_stacked_pack_has_a_stack_axis():
@@ -341,6 +443,27 @@ def test_gradient_matches_reference():
     x = jnp.asarray(activations(6, 20, 256), jnp.float16)
     f = lambda fn: jax.grad(lambda x: jnp.sum(fn(x, w).astype(jnp.float32) ** 2))(x)
     _assert_close(f(_cuda.matmul), f(reference_matmul), jnp.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["float16", "bfloat16"])
+def test_out_of_range_vector_index_gives_nan_not_a_read(dtype):
+    """Entries outside 0..K-1 (here K + 5 and a large one) are never read: exactly the
+    outputs whose kept positions use them are NaN, all others match the reference."""
+    k, o, v, t = 256, 128, 64, 50
+    vals, meta, vi, perm, dense = canonical(12, k, o, v, 128, dtype=jnp.dtype(dtype))
+    vi = vi.copy()
+    vi[0, 5], vi[1, 70] = k + 5, 1 << 30
+    packed = packing.pack(vals, meta, vi, perm)  # no in_features: not validated
+    x = activations(12, t, k)
+    y = np.asarray(ffi.spmm(jnp.asarray(x, dtype), {kk: jnp.asarray(a) for kk, a in packed.items()}, o), np.float64)
+    want_nan = np.isnan(mma_model.fragment_product(x, packed, o))
+    assert want_nan.any() and not want_nan.all()
+    np.testing.assert_array_equal(np.isnan(y), want_nan)
+    ok = ~want_nan
+    ref = x @ dense  # the weight before the two entries were broken
+    tol = _TOL[jnp.dtype(dtype)] * max(np.abs(ref).max(), 1.0)
+    assert np.all(np.abs(y[ok] - ref[ok]) <= tol + _TOL[jnp.dtype(dtype)] * np.abs(ref[ok]))
 
 
 @pytest.mark.gpu

@@ -239,6 +239,108 @@ def test_packer_rejects_broken_inputs():
         packing.pack(vals, meta, vi, perm, direct=None, xp=jnp)
 
 
+def _expand_dense(vals, meta, vi, perm, k, v):
+    """Dense (K, O) of a canonical 2:4 matrix by the format's expansion rule (values at the
+    same position add up), for any positions, ordered or not."""
+    o, kc = vals.shape
+    pos = packing.unpack_positions(meta, kc).astype(np.int64)
+    stripe = np.arange(kc) // 2
+    dense = np.zeros((k, o))
+    rows = np.repeat(np.arange(o), kc)
+    inputs = vi[rows // v, (4 * stripe[None, :] + pos).reshape(-1)]
+    np.add.at(dense, (inputs, perm[rows]), np.asarray(vals, np.float64).reshape(-1))
+    return dense
+
+
+def _unordered(seed, k, o, v, kv):
+    """A canonical matrix whose groups are ascending, swapped or repeated at random."""
+    vals, meta, vi, perm, _ = canonical(seed, k, o, v, kv)
+    vals = (np.round(vals.astype(np.float32) * 8) / 8).astype(vals.dtype)  # sums of two are exact in float16
+    rng = np.random.default_rng(seed + 7)
+    kc = vals.shape[1]
+    pos = packing.unpack_positions(meta, kc).reshape(o, kc // 2, 2)
+    kind = rng.integers(0, 3, size=(o, kc // 2))  # 0: as is, 1: swapped, 2: repeated position
+    pos = np.where((kind == 1)[..., None], pos[..., ::-1], pos)
+    pos = np.where((kind == 2)[..., None], pos[..., :1], pos)
+    bad_meta = packing._pack_positions(pos.reshape(o, kc), meta.shape[1])
+    assert (kind == 1).any() and (kind == 2).any()
+    return vals, bad_meta, vi, perm
+
+
+@settings(max_examples=12, deadline=None)
+@given(v=st.sampled_from([32, 64]), kv4=st.integers(1, 24), t=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_traced_pack_always_gives_ascending_pairs(v, kv4, t, seed):
+    """Under jit the packer cannot raise: a stripe compressed with descending or repeated
+    positions (fewer than n kept values) is rewritten to ascending pairs with the same
+    product. The mma.sp model raises on any unordered group, so the product check covers
+    both."""
+    o, kv = 2 * v, 4 * kv4 + 4
+    k = kv + 8
+    vals, meta, vi, perm = _unordered(seed, k, o, v, kv)
+    with pytest.raises(ValueError, match="ascending"):
+        packing.pack(vals, meta, vi, perm)  # concrete: refused
+    fn = jax.jit(lambda *a: packing.pack(*a, direct=False, in_features=k, xp=jnp))
+    packed = {key: np.asarray(a) for key, a in fn(*(jnp.asarray(a) for a in (vals, meta, vi, perm))).items()}
+    pos = packing.unpack_positions(packed["metadata"].reshape(-1, 1), 16)  # every lane word, 8 groups each
+    pairs = pos.reshape(-1, 2)
+    assert np.all(pairs[:, 0] < pairs[:, 1])
+    x = activations(seed, t, k)
+    want = x @ _expand_dense(vals, meta, vi, perm, k, v)
+    np.testing.assert_allclose(mma_model.fragment_product(x, packed, o), want, rtol=1e-12, atol=1e-9)
+
+
+def test_ordered_pairs_is_the_identity_on_ordered_input():
+    vals, meta, vi, perm, _ = canonical(21, 128, 64, 32, 96)
+    v2, m2 = packing.ordered_pairs(vals, meta)
+    np.testing.assert_array_equal(v2, vals)
+    np.testing.assert_array_equal(m2, meta)
+
+
+def test_invalid_vector_index_is_never_read_and_poisons_its_outputs():
+    """The kernel's rule, as the emulator replays it: -1 is padding (zeros), any other entry
+    outside 0..K-1 fills its activation row with NaN; only outputs whose kept positions use
+    that row become NaN (mma.sp multiplies only the selected rows of B)."""
+    k, o, v, kv, t = 160, 64, 32, 76, 37
+    vals, meta, vi, perm, dense = canonical(13, k, o, v, kv)
+    packed = packing.pack(vals, meta, vi, perm)
+    packed["vector_index"][0, 9], packed["vector_index"][1, 40] = k, packing.INVALID_INDEX
+    x = activations(13, t, k)
+    config = next(c for c in tiles.CONFIGS if c.bm == 32 and c.bn == 32)
+    y = mma_model.emulate_kernel(x, packed, o, config, out_dtype=np.float64)
+    # Expected: channel r is NaN iff one of its kept positions reads a broken entry.
+    pos = packing.unpack_positions(meta, vals.shape[1]).astype(np.int64)
+    entry = 4 * (np.arange(vals.shape[1]) // 2)[None, :] + pos  # vector index entry of each kept value
+    rows = np.arange(o)
+    uses = np.zeros(o, bool)
+    uses |= (rows // v == 0) & np.any(entry == 9, axis=1)
+    uses |= (rows // v == 1) & np.any(entry == 40, axis=1)
+    nan_channels = np.zeros(o, bool)
+    nan_channels[perm[uses]] = True
+    assert nan_channels.any() and not nan_channels.all()
+    np.testing.assert_array_equal(np.isnan(y), np.broadcast_to(nan_channels, y.shape))
+    np.testing.assert_array_equal(np.isnan(mma_model.fragment_product(x, packed, o)), np.isnan(y))
+    # Every other channel is exact (the broken entries' values were never multiplied).
+    ok = ~nan_channels
+    np.testing.assert_allclose(y[:, ok], (x @ dense)[:, ok], rtol=1e-12, atol=1e-9)
+
+
+def test_mma_model_multiplies_only_selected_rows_of_b():
+    rng = np.random.default_rng(1)
+    a = np.zeros((16, 32))
+    for r in range(16):
+        for grp in range(8):
+            a[r, 4 * grp + np.sort(rng.choice(4, 2, replace=False))] = rng.integers(1, 9, 2)
+    b = rng.integers(-4, 5, (32, 8)).astype(np.float64)
+    unused = np.all(a == 0, axis=0)
+    b_nan = b.copy()
+    b_nan[unused] = np.nan  # rows of B that no row of A selects
+    a_regs, b_regs, e = _isa_registers(a, b_nan)
+    d = mma_model.mma_sp_m16n8k32(a_regs, b_regs, np.zeros((32, 4)), e)
+    got = np.zeros((16, 8))
+    got[mma_model.C_ROW, mma_model.C_COL] = d
+    np.testing.assert_array_equal(got, a @ b)
+
+
 def test_identity_index_is_detected():
     assert packing.is_direct(np.arange(8)[None])
     assert not packing.is_direct(np.arange(8)[None][:, ::-1])

@@ -218,7 +218,9 @@ def test_adapter_value_and_gradients_match_the_reference():
     custom VJP (cotangents of x and of the kept values) equals the reference's."""
     import hinm_jax
     from hinm_jax import _pallas
-    from hinm_jax.ops import reference_matmul
+
+    def reference_matmul(x, w):
+        return hinm_jax.sparse_matmul(x, w, implementation="xla")
 
     w = _weight(6, k=128, o=64, v=32, kv=64, n=2, m=4)
     sw = hinm_jax.SparseWeight(
@@ -246,3 +248,163 @@ def test_adapter_value_and_gradients_match_the_reference():
     for got in (run(_pallas.matmul, packed), run(_pallas.matmul, sw)):
         for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the compiled (Triton) kernel accepts: every shape the adapter takes lowers for CUDA,
+# everything else raises NotImplementedError (so the default dispatch falls through to xla).
+# ---------------------------------------------------------------------------------------------------------------
+def _sparse_weight(pattern, k, o, dtype, seed=0, stack=None):
+    import hinm_jax
+
+    shape = (k, o) if stack is None else (stack, k, o)
+    params = {"w": jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)}
+    masks = hinm_jax.prune(params, pattern, stack_axes=0 if stack is None else 1)
+    return hinm_jax.compress(params, masks)["w"]
+
+
+def _adapter_cases():
+    import hinm_jax as h
+
+    runs = [  # (pattern, K, O): every one fits the kernel
+        (h.NM(2, 4), 128, 64),
+        (h.NM(1, 4), 128, 48),
+        (h.NM(1, 2), 64, 32),
+        (h.NM(2, 8), 256, 32),
+        (h.NM(4, 16), 256, 32),
+        (h.HiNM(32, 0.5, 2, 4), 128, 64),
+        (h.HiNM(16, 0.5, 2, 4), 96, 32),
+        (h.HiNM(48, 0.5, 1, 4), 128, 96),
+        (h.HiNM(64, 0.75, 2, 8), 256, 128),
+        (h.VectorWise(32, 0.5), 128, 64),
+    ]
+    refused = [  # (pattern, K, O, stack, what the error names)
+        (h.NM(2, 3), 96, 32, None, "m=3"),
+        (h.HiNM(32, 0.5, 2, 3), 96, 64, None, "m=3"),
+        (h.NM(2, 6), 96, 32, None, "m=6"),
+        (h.HiNM(8, 0.5, 2, 4), 64, 32, None, "vector_size=8"),
+        (h.NM(2, 4), 128, 40, None, "vector_size=40"),
+        (h.NM(2, 4), 128, 64, 2, "stack_axes=1"),
+    ]
+    dtypes = ["float16", "bfloat16", "float32"]
+    cases = []
+    for i, (pat, k, o) in enumerate(runs):
+        cases.append(pytest.param(pat, k, o, dtypes[i % 3], (1, 37)[i % 2], i % 2 == 0, None, None,
+                                  id=f"runs-{pat.spec}-{dtypes[i % 3]}"))
+    for i, (pat, k, o, stack, match) in enumerate(refused):
+        cases.append(pytest.param(pat, k, o, dtypes[i % 3], 5, False, stack, match, id=f"refused-{pat.spec}-{match}"))
+    return cases
+
+
+@pytest.mark.parametrize("pattern,k,o,dtype,t,prepacked,stack,refusal", _adapter_cases())
+def test_adapter_lowers_for_cuda_exactly_what_it_accepts(monkeypatch, pattern, k, o, dtype, t, prepacked, stack,
+                                                         refusal):
+    """Compiled mode (as on a GPU), lowered for the CUDA platform without one: a weight the
+    adapter accepts becomes a Triton call; one it cannot compile raises NotImplementedError
+    (eagerly, when packed, and while tracing) instead of a ValueError or a Triton error."""
+    import hinm_jax
+    from hinm_jax import _pallas
+
+    monkeypatch.setattr(_pallas, "_interpret", lambda: False)
+    w = _sparse_weight(pattern, k, o, jnp.dtype(dtype), stack=stack)
+    x = jax.ShapeDtypeStruct((t, k), jnp.dtype(dtype))
+    lower = lambda w: jax.jit(lambda x: _pallas.matmul(x, w)).trace(x).lower(lowering_platforms=("cuda",))
+    if refusal is None:
+        assert _pallas.supports(w) is None
+        if prepacked:
+            w = hinm_jax.pack_for(w, "pallas")
+            assert w.packed is not None
+        text = lower(w).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 1, pattern
+        return
+    assert refusal in _pallas.supports(w)
+    if stack is None:  # stacked weights are packed (a stack axis on every array), then refused by the matmul
+        assert _pallas.pack(w) is None and hinm_jax.pack_for(w, "pallas").packed is None
+    with pytest.raises(NotImplementedError, match=refusal):
+        lower(w)
+    with pytest.raises(NotImplementedError, match=refusal):
+        lower(hinm_jax.pack_for(w, "pallas"))
+    if stack is None:
+        with pytest.raises(NotImplementedError, match=refusal):
+            _pallas.matmul(jnp.ones((t, k), jnp.dtype(dtype)), w)
+
+
+def test_kernel_refuses_non_power_of_two_stripes_in_both_modes():
+    w = _weight(7, k=96, o=32, v=32, kv=96, n=2, m=3)
+    with pytest.raises(NotImplementedError, match="m=3"):
+        pk.pack(w.values, w.metadata, w.vector_index, w.row_perm, n=2, m=3)
+    for interpret in (True, False):
+        args = (
+            jax.ShapeDtypeStruct((5, 96), jnp.float16),
+            jax.ShapeDtypeStruct((32, 2, 32), jnp.float16),
+            jax.ShapeDtypeStruct((32, 2, 32), jnp.uint8),
+            jax.ShapeDtypeStruct((1, 3, 32), jnp.int32),
+            jax.ShapeDtypeStruct((32,), jnp.int32),
+        )
+        with pytest.raises(NotImplementedError, match="m=3"):
+            jax.jit(lambda *a: pk.hinm_spmm(*a, m=3, interpret=interpret)).trace(*args)
+
+
+@pytest.mark.parametrize("t,k,ok", [(2**24 - 16, 128, True), (2**24, 128, False), (2**22, 256, True)])
+def test_int32_offsets_are_refused_past_the_limit(t, k, ok):
+    """Element offsets in the kernel are int32: an operand of 2**31 elements or more raises
+    NotImplementedError (checked on abstract shapes: nothing is allocated)."""
+    o = 64
+    args = (
+        jax.ShapeDtypeStruct((t, k), jnp.bfloat16),
+        jax.ShapeDtypeStruct((o, 2, k // 8), jnp.bfloat16),
+        jax.ShapeDtypeStruct((o, 2, k // 8), jnp.uint8),
+        jax.ShapeDtypeStruct((2, 4, k // 8), jnp.int32),
+        jax.ShapeDtypeStruct((o,), jnp.int32),
+    )
+    f = lambda *a: pk.hinm_spmm(*a, m=4)
+    if ok:
+        assert "__gpu$xla.gpu.triton" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    else:
+        with pytest.raises(NotImplementedError, match="int32"):
+            jax.jit(f).trace(*args)
+
+
+def test_int32_offsets_refused_through_the_adapter(monkeypatch):
+    import hinm_jax
+    from hinm_jax import _pallas
+
+    monkeypatch.setattr(_pallas, "_interpret", lambda: False)
+    w = _sparse_weight(hinm_jax.NM(2, 4), 4096, 64, jnp.float16)
+    x = jax.ShapeDtypeStruct((2**19, 4096), jnp.float16)  # K * T = 2**31
+    with pytest.raises(NotImplementedError, match="int32"):
+        jax.jit(lambda x: _pallas.matmul(x, w)).trace(x)
+
+
+@settings(max_examples=80, deadline=None)
+@given(m=st.integers(1, 40), kept=st.integers(1, 5000), target=st.sampled_from([64, 128, 256]))
+def test_default_block_k_gives_power_of_two_stripes(m, kept, target):
+    bk = pk.default_block_k(m, kept * m, target)
+    stripes = bk // m
+    assert bk % m == 0 and stripes >= pk.MIN_TILE and stripes & (stripes - 1) == 0
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 8, 16])
+@pytest.mark.parametrize("count", [1, 31, 100])
+def test_metadata_codec_agrees_with_hinm_jax_format(m, count):
+    """pallas_kernels keeps its own codec (it must not import hinm_jax): both directions
+    agree with hinm_jax.format.pack_metadata / unpack_metadata on random positions."""
+    from hinm_jax.format import pack_metadata, unpack_metadata
+
+    rng = np.random.default_rng(10 * m + count)
+    pos = rng.integers(0, m, size=(3, 7, count))
+    theirs = np.asarray(pack_metadata(jnp.asarray(pos, jnp.int32), m))
+    mine = np.stack([testing.pack_positions(p, m) for p in pos])
+    np.testing.assert_array_equal(mine, theirs)
+    np.testing.assert_array_equal(np.asarray(pk.unpack_positions(jnp.asarray(theirs), m, count)), pos)
+    np.testing.assert_array_equal(np.asarray(unpack_metadata(jnp.asarray(mine), m, count)), pos)
+
+
+def test_pallas_packed_leaves_are_device_arrays():
+    import hinm_jax
+
+    w = _sparse_weight(hinm_jax.HiNM(32, 0.5, 2, 4), 128, 64, jnp.bfloat16)
+    leaves = jax.tree.leaves(hinm_jax.pack_for({"w": w}, "pallas")["w"].packed)
+    assert len(leaves) == 4
+    for leaf in leaves:
+        assert isinstance(leaf, jax.Array) and not isinstance(leaf, np.ndarray), type(leaf)
