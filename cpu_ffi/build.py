@@ -6,7 +6,8 @@ that ``-march=native`` reads), so a changed input or another machine sharing the
 and an unchanged one loads at once. Nothing here runs at import time.
 
 Environment:
-  ``HINM_JAX_CXX``: the compiler (default ``$CXX``, then ``g++``, ``c++``, ``clang++`` on ``PATH``).
+  ``HINM_JAX_CXX``: the compiler (default ``$CXX``, then ``g++``, ``c++``, ``clang++`` on ``PATH``);
+  when set, no other is tried.
   ``HINM_JAX_CPU_MARCH``: the ``-march`` value (default ``native``; e.g. ``x86-64-v3`` builds the
   AVX2 path, ``x86-64`` the portable one).
   ``HINM_JAX_CPU_CACHE``: cache directory (default ``$XDG_CACHE_HOME/hinm_jax/cpu`` or
@@ -39,8 +40,9 @@ class BuildError(RuntimeError):
 
 
 def find_compiler() -> str | None:
-    """Path of a C++ compiler, or ``None``."""
-    for c in (os.environ.get("HINM_JAX_CXX"), os.environ.get("CXX"), "g++", "c++", "clang++"):
+    """Path of a C++ compiler, or ``None``. ``HINM_JAX_CXX``, when set, is the only candidate."""
+    env = os.environ.get("HINM_JAX_CXX")
+    for c in (env,) if env else (os.environ.get("CXX"), "g++", "c++", "clang++"):
         if c:
             path = shutil.which(c)
             if path:
@@ -98,7 +100,11 @@ def library_path(cxx: str | None = None) -> Path:
     """Cache path of the library for these inputs (whether or not it is built)."""
     cxx = cxx or find_compiler()
     if cxx is None:
-        raise BuildError("no C++ compiler found (g++, c++ or clang++ on PATH, or set HINM_JAX_CXX)")
+        raise BuildError(
+            f"no C++ compiler found (HINM_JAX_CXX={os.environ['HINM_JAX_CXX']!r})"
+            if os.environ.get("HINM_JAX_CXX")
+            else "no C++ compiler found (g++, c++ or clang++ on PATH, or set HINM_JAX_CXX)"
+        )
     h = hashlib.sha256()
     h.update(SOURCE.read_bytes())
     for name in ("ffi.h", "api.h", "c_api.h"):

@@ -1,0 +1,264 @@
+"""The CPU kernel package (cpu_ffi) and its adapter (hinm_jax._cpu), against the reference.
+
+The kernel is checked schedule by schedule ("rows": packed rows in vector lanes, "tokens":
+tokens in vector lanes) on every block-structured pattern, odd shapes and token counts,
+permuted layouts, bias and float32 / bfloat16 mixes; the build for other instruction sets
+(AVX2, portable) and the failed-build fallback run in subprocesses. The shared backend suite
+(tests/test_ops.py) runs the "cpu" implementation through the public dispatch as well.
+"""
+
+import dataclasses
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cpu_ffi
+import hinm_jax
+from cpu_ffi import packing
+from hinm_jax import NM, HiNM, VectorWise, _cpu
+from hinm_jax.format import pack_metadata
+from hinm_jax.ops import reference_matmul
+
+pytestmark = pytest.mark.skipif(not _cpu.is_available(), reason="the CPU kernel does not build here")
+
+F32, BF16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
+
+
+def _weight(rng, k, o, pattern, dtype, permuted=True):
+    """A compressed (K, O) weight in ``pattern`` with a random π and σ (when permuted)."""
+    w = jnp.asarray(rng.normal(size=(k, o)), dtype)
+    v, kv, n, m = pattern.structure(k, o)
+    perm = rng.permutation(o) if permuted else np.arange(o)
+    if v == o and kv == k:
+        vi = (rng.permutation(k) if permuted else np.arange(k))[None]
+    else:
+        vi = np.stack([rng.permutation(k)[:kv] for _ in range(o // v)])
+    perm, vi = jnp.asarray(perm, jnp.int32), jnp.asarray(vi, jnp.int32)
+    mask = hinm_jax.masks.mask_from_layout(jnp.abs(w.astype(jnp.float32)), perm, vi, n, m)
+    layout = hinm_jax.Layout(perm, vi)
+    return hinm_jax.compress({"w": w}, {"w": hinm_jax.Mask(mask, layout, pattern)})["w"]
+
+
+def _rel_err(y, ref):
+    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(y - ref)) / max(np.max(np.abs(ref)), 1e-30)) if ref.size else 0.0
+
+
+def _oracle(x, sw, bias=None):
+    """float64 ``x @ densify(w) (+ bias)`` in numpy."""
+    y = np.asarray(x, np.float64) @ np.asarray(sw.densify().astype(jnp.float32), np.float64)
+    return y if bias is None else y + np.asarray(bias, np.float64)
+
+
+def _tol(*dtypes):
+    return 1e-5 if all(jnp.dtype(d) == F32 for d in dtypes) else 1e-2
+
+
+def _patterns():
+    hinm = st.builds(
+        lambda v, nm, s: HiNM(v, s, *nm),
+        st.sampled_from([8, 16, 24, 32, 48]),
+        st.sampled_from([(2, 4), (1, 4), (3, 4), (1, 2), (1, 3), (2, 8), (5, 8), (4, 16)]),
+        st.sampled_from([0.25, 0.5]),
+    )
+    nm = st.builds(lambda nm: NM(*nm), st.sampled_from([(2, 4), (1, 3), (3, 8), (7, 16), (1, 20), (2, 5)]))
+    vw = st.builds(VectorWise, st.sampled_from([8, 16, 32]), st.sampled_from([0.25, 0.5]))
+    return st.one_of(hinm, nm, vw)
+
+
+# --- packing ----------------------------------------------------------------------------
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.sampled_from([1, 2, 3, 4, 5, 8, 16, 17, 100, 255]), rows=st.integers(1, 5), nnz=st.integers(1, 70), seed=st.integers(0, 2**31))
+def test_positions_agree_with_the_format_codec(m, rows, nnz, seed):
+    """cpu_ffi keeps its own metadata unpacking (it must not import hinm_jax): same answer."""
+    pos = np.random.default_rng(seed).integers(0, m, size=(rows, nnz)).astype(np.int32)
+    words = pack_metadata(jnp.asarray(pos), m)
+    np.testing.assert_array_equal(packing.positions(np.asarray(words), m, nnz), pos)
+    np.testing.assert_array_equal(np.asarray(packing.positions(words, m, nnz)), pos)
+
+
+@pytest.mark.parametrize("pattern", [HiNM(24, 0.5, 2, 4), NM(2, 4), VectorWise(16, 0.5), HiNM(8, 0.25, 1, 3)])
+def test_pack_interleaves_16_rows_and_pads_with_zeros(pattern):
+    rng = np.random.default_rng(0)
+    sw = _weight(rng, 96, 48, pattern, F32)
+    p = _cpu.pack(sw)
+    nb, kv = sw.vector_index.shape
+    v, nnz = 48 // nb, sw.values.shape[1]
+    g = -(-v // 16)
+    assert p["values"].shape == (nb, g, nnz, 16) and p["positions"].dtype == jnp.uint8
+    vals = np.asarray(p["values"]).transpose(0, 1, 3, 2).reshape(nb, g * 16, nnz)
+    np.testing.assert_array_equal(vals[:, :v].reshape(-1, nnz), np.asarray(sw.values))
+    assert not vals[:, v:].any()
+    np.testing.assert_array_equal(np.asarray(p["positions"]).transpose(0, 1, 3, 2).reshape(nb, g * 16, nnz)[:, :v].reshape(-1, nnz), np.asarray(sw.positions()))
+    traced = jax.jit(_cpu.pack)(sw)
+    for key in p:
+        np.testing.assert_array_equal(np.asarray(traced[key]), np.asarray(p[key]))
+
+
+def test_pack_for_cpu_stores_device_arrays_once():
+    rng = np.random.default_rng(1)
+    sw = _weight(rng, 64, 32, HiNM(16, 0.5), F32)
+    packed = hinm_jax.pack_for({"layer": {"kernel": sw}}, "cpu")["layer"]["kernel"]
+    assert packed.packed_for == "cpu"
+    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(packed.packed))
+    x = jnp.asarray(rng.normal(size=(3, 64)), jnp.float32)
+    np.testing.assert_allclose(hinm_jax.sparse_matmul(x, packed, implementation="cpu"), _oracle(x, sw), rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_weights_pack_per_matrix():
+    rng = np.random.default_rng(2)
+    w = jnp.asarray(rng.normal(size=(3, 64, 32)), jnp.float32)
+    masks = hinm_jax.prune({"w": w}, HiNM(16, 0.5), stack_axes=1)
+    sw = hinm_jax.compress({"w": w}, masks)["w"]
+    p = _cpu.pack(sw)
+    assert p["values"].shape[0] == 3
+    one = dataclasses.replace(sw, values=sw.values[1], metadata=sw.metadata[1], vector_index=sw.vector_index[1], row_perm=sw.row_perm[1], shape=sw.shape[1:], stack_axes=0)
+    np.testing.assert_array_equal(np.asarray(p["values"][1]), np.asarray(_cpu.pack(one)["values"]))
+
+
+# --- the kernel ---------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    pattern=_patterns(),
+    kb=st.integers(1, 4),
+    ob=st.integers(1, 3),
+    t=st.sampled_from([0, 1, 2, 5, 7, 8, 9, 16, 17, 31, 33, 70]),
+    mode=st.sampled_from(cpu_ffi.MODES),
+    dtypes=st.sampled_from([(F32, F32), (BF16, BF16), (BF16, F32), (F32, BF16)]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_both_schedules_match_the_reference(pattern, kb, ob, t, mode, dtypes, bias, seed):
+    rng = np.random.default_rng(seed)
+    xdt, wdt = dtypes
+    m = pattern.structure(4096, 4096).m
+    k = kb * 16 * m
+    o = ob * (pattern.vector_size if hasattr(pattern, "vector_size") else 8) * (2 if isinstance(pattern, NM) else 1)
+    sw = _weight(rng, k, o, pattern, wdt)
+    x = jnp.asarray(rng.normal(size=(t, k)), xdt)
+    b = jnp.asarray(rng.normal(size=(o,)), jnp.float32) if bias else None
+    out = jnp.result_type(xdt, wdt)
+    y = cpu_ffi.spmm(x, _cpu.pack(sw), n=sw.n, m=sw.m, vector_size=sw.vector_size, out_dtype=out, bias=b, mode=mode)
+    assert y.shape == (t, o) and y.dtype == out
+    assert _rel_err(y, _oracle(x.astype(jnp.float32), sw, b)) <= _tol(xdt, wdt)
+
+
+@pytest.mark.parametrize("t", [0, 1, 7, 1000])
+@pytest.mark.parametrize("pattern", [HiNM(32, 0.5, 2, 4), HiNM(64, 0.5, 2, 4), NM(2, 4), VectorWise(32, 0.5), HiNM(16, 0.5, 1, 8)])
+def test_sparse_matmul_cpu_against_the_xla_reference(pattern, t):
+    rng = np.random.default_rng(t)
+    sw = hinm_jax.pack_for(_weight(rng, 256, 128, pattern, F32), "cpu")
+    x = jnp.asarray(rng.normal(size=(t, 256)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(128,)), jnp.float32)
+    y = hinm_jax.sparse_matmul(x, sw, bias=b, implementation="cpu")
+    ref = reference_matmul(x, dataclasses.replace(sw, packed=None, packed_for=None)) + b
+    assert y.shape == (t, 128)
+    assert _rel_err(y, ref) <= 1e-5
+
+
+def test_jit_leading_dims_and_gradient_in_x():
+    rng = np.random.default_rng(3)
+    sw = hinm_jax.pack_for(_weight(rng, 128, 64, HiNM(32, 0.5), F32), "cpu")
+    x = jnp.asarray(rng.normal(size=(2, 3, 128)), jnp.float32)
+    f = jax.jit(lambda x, s: hinm_jax.sparse_matmul(x, s, implementation="cpu"))
+    np.testing.assert_allclose(f(x, sw), _oracle(x.reshape(6, 128), sw).reshape(2, 3, 64), rtol=1e-5, atol=1e-5)
+    c = jnp.asarray(rng.normal(size=(2, 3, 64)), jnp.float32)
+    g = jax.grad(lambda x: jnp.sum(c * hinm_jax.sparse_matmul(x, sw, implementation="cpu")))(x)
+    dense = np.asarray(sw.densify(), np.float64)
+    np.testing.assert_allclose(g, np.asarray(c, np.float64) @ dense.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make, what",
+    [
+        (lambda rng: (_weight(rng, 64, 32, HiNM(16, 0.5), jnp.float16), jnp.float16), "dtype float16"),
+        (lambda rng: (_weight(rng, 64, 32, HiNM(16, 0.5), F32), jnp.float16), "float32 or bfloat16"),
+        (lambda rng: (_weight(rng, 256, 8, NM(1, 256), F32), F32), "m=256"),
+    ],
+)
+def test_what_the_kernel_cannot_run_raises_not_implemented(make, what):
+    sw, xdt = make(np.random.default_rng(4))
+    x = jnp.ones((2, sw.matrix_shape[0]), xdt)
+    with pytest.raises(NotImplementedError, match=what):
+        _cpu.matmul(x, sw)
+    # ... and the default dispatch falls through to the reference
+    np.testing.assert_allclose(
+        np.asarray(hinm_jax.sparse_matmul(x, sw), np.float32), np.asarray(reference_matmul(x, sw), np.float32), rtol=1e-3
+    )
+
+
+def test_bias_of_the_wrong_shape_is_a_clear_error():
+    sw = _weight(np.random.default_rng(5), 64, 32, HiNM(16, 0.5), F32)
+    with pytest.raises(ValueError, match=r"bias: shape=\(31,\).*O=32"):
+        _cpu.matmul(jnp.ones((2, 64)), sw, bias=jnp.ones(31))
+
+
+# --- builds -------------------------------------------------------------------------------
+
+_CHECK = textwrap.dedent(
+    """
+    import warnings, numpy as np, jax, jax.numpy as jnp, hinm_jax
+    from hinm_jax import _cpu
+    w = jax.random.normal(jax.random.key(0), (192, 96))
+    sw = hinm_jax.compress({"w": w}, hinm_jax.prune({"w": w}, "hinm:32:0.5:2:4"))["w"]
+    x = jax.random.normal(jax.random.key(1), (40, 192))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ys = [hinm_jax.sparse_matmul(x[:t], sw) for t in (1, 40, 40)]
+    ref = np.asarray(x, np.float64) @ np.asarray(sw.densify(), np.float64)
+    assert all(np.max(np.abs(y - ref[: y.shape[0]])) < 1e-4 for y in ys)
+    print("available", hinm_jax.ops.available_implementations())
+    for w in caught:
+        print("WARNING", w.category.__name__, str(w.message).replace(chr(10), " "))
+    if _cpu.is_available():
+        import cpu_ffi.ffi
+        print("isa", cpu_ffi.ffi.isa())
+    """
+)
+
+
+def _run(env_extra: dict, tmp_path) -> str:
+    env = {**os.environ, "HINM_JAX_CPU_CACHE": str(tmp_path / "cache"), **env_extra}
+    proc = subprocess.run([sys.executable, "-c", _CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set levels")
+@pytest.mark.parametrize("march, isa", [("x86-64-v3", "avx2"), ("x86-64", "generic")])
+def test_other_instruction_sets_build_and_match(march, isa, tmp_path):
+    out = _run({"HINM_JAX_CPU_MARCH": march}, tmp_path)
+    assert f"isa {isa}" in out and "WARNING" not in out
+
+
+@pytest.mark.slow
+def test_failed_build_falls_back_to_xla_with_one_warning_naming_the_compiler(tmp_path):
+    fake = tmp_path / "broken-c++"
+    fake.write_text("#!/bin/sh\necho 'fatal error: the compiler is broken today' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    out = _run({"HINM_JAX_CXX": str(fake)}, tmp_path)
+    assert "available ('xla',)" in out
+    warnings_ = [line for line in out.splitlines() if line.startswith("WARNING")]
+    assert len(warnings_) == 1, out
+    assert "RuntimeWarning" in warnings_[0] and "the compiler is broken today" in warnings_[0] and "xla" in warnings_[0]
+
+
+@pytest.mark.slow
+def test_no_compiler_falls_back_to_xla_with_one_warning(tmp_path):
+    out = _run({"HINM_JAX_CXX": str(tmp_path / "no-such-compiler")}, tmp_path)
+    warnings_ = [line for line in out.splitlines() if line.startswith("WARNING")]
+    assert len(warnings_) == 1 and "no C++ compiler found" in warnings_[0], out
