@@ -156,7 +156,7 @@ def minilm(args) -> float:
     tokenizer = mm.load_tokenizer()
     sentences = [s for s in SENTENCES.read_text().splitlines() if s.strip()][: args.sentences]
     pattern = hinm_jax.parse_pattern(args.minilm_pattern)
-    masks = hinm_jax.prune(params, pattern, where=r"encoder/.*/kernel$")
+    masks = hinm_jax.prune(params, pattern, where=r"^layer_\d+/.*/kernel$")
     sparse = hinm_jax.pack_for(hinm_jax.compress(params, masks), "cpu")
 
     def dense():

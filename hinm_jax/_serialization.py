@@ -9,7 +9,8 @@ import dataclasses
 from flax import serialization
 
 from hinm_jax.format import SparseWeight
-from hinm_jax.masks import Layout, Mask
+from hinm_jax.core import Layout
+from hinm_jax.masks import Mask
 
 
 def _data_fields(cls):

@@ -23,12 +23,6 @@ def path_str(keypath) -> str:
     return "/".join(parts)
 
 
-def is_mask_leaf(x) -> bool:
-    from hinm_jax.masks import Mask
-
-    return x is None or isinstance(x, Mask)
-
-
 def _paths(tree, is_leaf=None):
     return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]]
 

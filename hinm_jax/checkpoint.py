@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import os
 import shutil
@@ -37,14 +36,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hinm_jax.core import Layout
 from hinm_jax.format import SparseWeight
-from hinm_jax.masks import Layout, Mask
-from hinm_jax.patterns import HSS, NM, HiNM, Pattern, Unstructured, VectorWise
+from hinm_jax.masks import Mask
+from hinm_jax.patterns import Pattern, parse_pattern
 
 __all__ = ["save", "restore", "disk_bytes", "SizeReport", "size_report"]
 
-_FORMAT = "hinm_jax.checkpoint/1"
-_PATTERNS = {cls.__name__: cls for cls in (HiNM, NM, VectorWise, Unstructured, HSS)}
+_FORMAT = "hinm_jax.checkpoint/2"  # /2: patterns stored as their spec string
 
 
 # ---------------------------------------------------------------------------------------
@@ -52,21 +51,10 @@ _PATTERNS = {cls.__name__: cls for cls in (HiNM, NM, VectorWise, Unstructured, H
 # ---------------------------------------------------------------------------------------
 
 
-def _pattern_json(p: Pattern) -> dict:
-    if type(p).__name__ not in _PATTERNS:
-        raise ValueError(f"pattern {p!r}: not a hinm_jax pattern, cannot be saved")
-    fields = {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
-    if isinstance(p, HSS):
-        fields["levels"] = [list(lvl) for lvl in p.levels]
-    return {"class": type(p).__name__, "fields": fields}
-
-
-def _pattern_from_json(d: dict) -> Pattern:
-    cls = _PATTERNS[d["class"]]
-    fields = dict(d["fields"])
-    if cls is HSS:
-        fields["levels"] = tuple(tuple(lvl) for lvl in fields["levels"])
-    return cls(**fields)
+def _pattern_spec(p, path: str) -> str:
+    if not isinstance(p, Pattern):
+        raise TypeError(f"{path}: pattern {p!r}: not a hinm_jax pattern, cannot be saved")
+    return p.spec  # parse_pattern(p.spec) == p exactly
 
 
 def _is_variable(x) -> bool:
@@ -142,7 +130,7 @@ class _Encoder:
             return {
                 "type": "sparse",
                 "shape": list(x.shape),
-                "pattern": _pattern_json(x.pattern),
+                "pattern": _pattern_spec(x.pattern, path),
                 "stack_axes": x.stack_axes,
                 "packed_for": x.packed_for,
                 "packed": self.node(x.packed, f"{path}/packed"),
@@ -151,7 +139,7 @@ class _Encoder:
         if isinstance(x, Mask):
             out = {
                 "type": "mask",
-                "pattern": _pattern_json(x.pattern),
+                "pattern": _pattern_spec(x.pattern, path),
                 "stack_axes": x.stack_axes,
                 "mask": self.array(x.mask, f"{path}/mask"),
                 "layout": None,
@@ -210,7 +198,7 @@ def _decode(spec: dict, arrays: Mapping[str, Any]):
             **{f: _decode(spec[f], arrays) for f in ("values", "metadata", "vector_index", "row_perm")},
             packed=_decode(spec["packed"], arrays),
             shape=tuple(spec["shape"]),
-            pattern=_pattern_from_json(spec["pattern"]),
+            pattern=parse_pattern(spec["pattern"]),
             stack_axes=spec["stack_axes"],
             packed_for=spec["packed_for"],
         )
@@ -218,7 +206,7 @@ def _decode(spec: dict, arrays: Mapping[str, Any]):
         layout = None
         if spec["layout"] is not None:
             layout = Layout(_decode(spec["layout"]["row_perm"], arrays), _decode(spec["layout"]["vector_index"], arrays))
-        return Mask(_decode(spec["mask"], arrays), layout, _pattern_from_json(spec["pattern"]), spec["stack_axes"])
+        return Mask(_decode(spec["mask"], arrays), layout, parse_pattern(spec["pattern"]), spec["stack_axes"])
     if t == "variable":
         var = _variable_class(spec["class"])(_decode(spec["value"], arrays))
         if spec["metadata"]:

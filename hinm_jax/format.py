@@ -14,7 +14,7 @@ pattern of block structure ``(V, K_v, n, m)`` (see :mod:`hinm_jax.patterns`) is 
 
 Plain N:M is one block (``V = O``, ``vector_index = arange(K)``); VectorWise has
 ``n = m = 1`` and no metadata bits. Leading stack axes (scanned layers) prefix every
-array. Backends add their own packed copy in ``packed`` (see :func:`pack_for`).
+array. Backends add their own packed copy in ``packed`` (see :func:`hinm_jax.ops.pack_for`).
 
 Example:
     >>> import jax, jax.numpy as jnp, hinm_jax
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 from typing import Any
 
 import jax
@@ -37,11 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from hinm_jax import _structure
-from hinm_jax._tree import is_mask_leaf, map_with_path
-from hinm_jax.masks import Mask, check_mask_shape
+from hinm_jax._tree import map_with_path
+from hinm_jax.masks import Mask, check_mask_shape, is_mask_leaf
 from hinm_jax.patterns import Pattern
 
-__all__ = ["SparseWeight", "compress", "pack_for", "metadata_bits", "pack_metadata", "unpack_metadata"]
+__all__ = ["SparseWeight", "compress", "metadata_bits", "pack_metadata", "unpack_metadata", "expand_values"]
 
 
 def metadata_bits(m: int) -> int:
@@ -73,6 +72,27 @@ def unpack_metadata(words, m: int, nnz: int):
     shifts = (jnp.arange(per, dtype=jnp.uint32) * bits).astype(jnp.uint32)
     pos = (words[..., None] >> shifts) & jnp.uint32((1 << bits) - 1)
     return pos.reshape(words.shape[:-1] + (-1,))[..., :nnz].astype(jnp.int32)
+
+
+def expand_values(values, positions, n: int, m: int):
+    """Values ``(..., J*n)`` and their stripe positions -> ``(..., J*m)`` with
+    ``out[..., j*m + p]`` the value of stripe ``j`` at position ``p``, or zero.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> expand_values(jnp.array([5.0, 7.0]), jnp.array([1, 3]), 2, 4).tolist()
+        [0.0, 5.0, 0.0, 7.0]
+    """
+    lead = values.shape[:-1]
+    j = values.shape[-1] // n
+    vals = values.reshape(lead + (j, n))
+    onehot = positions.reshape(lead + (j, n))[..., None] == jnp.arange(m, dtype=positions.dtype)
+    tiles = jnp.sum(jnp.where(onehot, vals[..., None], jnp.zeros((), values.dtype)), axis=-2)
+    return tiles.reshape(lead + (j * m,))
+
+
+def _concrete(*arrays) -> bool:
+    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
 @jax.tree_util.register_dataclass
@@ -140,14 +160,7 @@ class SparseWeight:
     def packed_tiles(self):
         """Each packed row expanded over its block's vector index: ``(*stack, O, K_v)``
         with ``tiles[r, j] = W[vector_index[r // V, j], row_perm[r]]``."""
-        n, m = self.n, self.m
-        pos = self.positions()
-        lead = self.values.shape[:-1]
-        j = self.values.shape[-1] // n
-        vals = self.values.reshape(lead + (j, n))
-        onehot = pos.reshape(lead + (j, n))[..., None] == jnp.arange(m, dtype=jnp.int32)
-        tiles = jnp.sum(jnp.where(onehot, vals[..., None], jnp.zeros((), self.dtype)), axis=-2)
-        return tiles.reshape(lead + (j * m,))
+        return expand_values(self.values, self.positions(), self.n, self.m)
 
     def densify(self):
         """The dense weight ``W * mask`` in the leaf's original shape, exactly."""
@@ -159,6 +172,78 @@ class SparseWeight:
         for _ in range(self.stack_axes):
             fn = jax.vmap(fn)
         return fn(self.packed_tiles(), self.row_perm, self.vector_index).reshape(self.shape)
+
+    # -- validation ------------------------------------------------------------------
+    def validate(self, path: str = "w") -> "SparseWeight":
+        """Checks that the arrays are a valid compressed weight of ``shape`` in ``pattern``;
+        raises a ``ValueError`` naming ``path``, the shape and the pattern, else returns
+        ``self``.
+
+        Always checked: the pattern has a compressed format and fits the matrix, and
+        every array has the shape and dtype kind the format prescribes. Checked when the
+        arrays are concrete (skipped for tracers, i.e. under ``jax.jit``): every
+        ``vector_index`` entry is an input ``0 <= k < K`` and a block's entries are
+        distinct, ``row_perm`` is a permutation of ``0..O-1``, and the metadata holds
+        positions ``< m``, strictly ascending in each stripe, with zero padding bits.
+
+        Example:
+            >>> import jax, hinm_jax
+            >>> p = {"w": jax.random.normal(jax.random.key(0), (64, 32))}
+            >>> sw = hinm_jax.compress(p, hinm_jax.prune(p, "2:4"))["w"]
+            >>> sw.validate("w") is sw
+            True
+        """
+        where = f"{path}: shape={tuple(self.shape)} pattern {self.pattern}"
+        if not isinstance(self.pattern, Pattern):
+            raise TypeError(f"{where}: pattern must be a Pattern, got {type(self.pattern).__name__}")
+        if not isinstance(self.stack_axes, int) or isinstance(self.stack_axes, bool) or self.stack_axes < 0:
+            raise TypeError(f"{where}: stack_axes={self.stack_axes!r}: expected an int >= 0")
+        if len(self.shape) - self.stack_axes < 2:
+            raise ValueError(f"{where}: needs at least 2 axes after stack_axes={self.stack_axes}")
+        k, o = self.matrix_shape
+        err = self.pattern.fit_error(k, o)
+        if err is not None:
+            raise ValueError(f"{where}: does not fit: {err}")
+        struct = self.pattern.structure(k, o)
+        if struct is None:
+            raise ValueError(f"{where}: this pattern has no compressed format (HiNM, NM and VectorWise do)")
+        v, kv, n, m = struct
+        nnz = kv // m * n
+        stack = self.stack_shape
+        bits = metadata_bits(m)
+        words = -(-nnz // (32 // bits)) if bits else 0
+        want = {
+            "values": stack + (o, nnz),
+            "metadata": stack + (o, words),
+            "vector_index": stack + (o // v, kv),
+            "row_perm": stack + (o,),
+        }
+        for name, shape in want.items():
+            got = tuple(np.shape(getattr(self, name)))
+            if got != shape:
+                raise ValueError(f"{where}: {name} has shape {got}, expected {shape}")
+        for name, kind in (("metadata", "u"), ("vector_index", "iu"), ("row_perm", "iu")):
+            dt = np.dtype(getattr(self, name).dtype)
+            if dt.kind not in kind:
+                raise ValueError(f"{where}: {name} has dtype {dt}, expected {'uint32' if kind == 'u' else 'int32'}")
+        if not jnp.issubdtype(self.values.dtype, jnp.inexact):
+            raise ValueError(f"{where}: values have dtype {self.values.dtype}, expected a floating dtype")
+        if not _concrete(self.metadata, self.vector_index, self.row_perm):
+            return self
+        vi = np.asarray(self.vector_index).reshape(-1, kv)
+        if vi.size and (vi.min() < 0 or vi.max() >= k):
+            raise ValueError(f"{where}: vector_index has entries outside 0..{k - 1}")
+        if kv > 1 and np.any(np.diff(np.sort(vi, axis=-1), axis=-1) == 0):
+            raise ValueError(f"{where}: vector_index repeats an input inside a block")
+        rp = np.asarray(self.row_perm).reshape(-1, o)
+        if np.any(np.sort(rp, axis=-1) != np.arange(o)):
+            raise ValueError(f"{where}: row_perm is not a permutation of 0..{o - 1}")
+        pos = np.asarray(self.positions()).reshape(-1, o, nnz // n, n)
+        if np.any(pos >= m) or (n > 1 and np.any(np.diff(pos, axis=-1) <= 0)):
+            raise ValueError(f"{where}: metadata positions must be < m={m} and strictly ascending in each stripe")
+        if not np.array_equal(np.asarray(pack_metadata(jnp.asarray(pos.reshape(stack + (o, nnz))), m)), np.asarray(self.metadata)):
+            raise ValueError(f"{where}: metadata has bits set outside its {nnz} positions")
+        return self
 
     # -- storage ---------------------------------------------------------------------
     def storage_bytes(self, dtype=None) -> int:
@@ -201,7 +286,12 @@ def _compress_matrix(w, mask, row_perm, vector_index, n, m):
     return vals.reshape(o, j * n), pack_metadata(pos.reshape(o, j * n), m), per_stripe, outside
 
 
-def _compress_leaf(path: str, w, mask: Mask) -> SparseWeight:
+def _compress_leaf(path: str, w, mask) -> SparseWeight:
+    if not isinstance(mask, Mask):
+        raise TypeError(
+            f"{path}: shape={tuple(w.shape)}: expected a hinm_jax.Mask (from hinm_jax.prune) or None, "
+            f"got {type(mask).__name__}"
+        )
     pattern = mask.pattern
     stack, k, o = _structure.matrix_shape(w.shape, mask.stack_axes)
     struct = pattern.structure(k, o)
@@ -218,7 +308,7 @@ def _compress_leaf(path: str, w, mask: Mask) -> SparseWeight:
     vals, meta, per_stripe, outside = fn(
         w.reshape(stack + (k, o)), mask.mask.reshape(stack + (k, o)), layout.row_perm, layout.vector_index
     )
-    if not isinstance(per_stripe, jax.core.Tracer):
+    if _concrete(per_stripe, outside):
         if bool(jnp.any(per_stripe != struct.n)) or bool(jnp.any(outside != 0)):
             raise ValueError(
                 f"{path}: shape={tuple(w.shape)} pattern {pattern}: the mask does not follow its "
@@ -233,14 +323,19 @@ def _compress_leaf(path: str, w, mask: Mask) -> SparseWeight:
         shape=tuple(w.shape),
         pattern=pattern,
         stack_axes=mask.stack_axes,
-    )
+    ).validate(path)
 
 
 def compress(params, masks):
     """Compresses every pruned leaf of ``params`` into a :class:`SparseWeight`.
 
-    Leaves whose mask is ``None`` are returned unchanged. Works eagerly and under
-    ``jax.jit`` (under jit the layout check is skipped).
+    Leaves whose mask is ``None`` are returned unchanged. Every result is checked with
+    :meth:`SparseWeight.validate`, and the mask must follow its layout (every stripe
+    keeps exactly ``n`` of ``m``, nothing outside the vector index). Under ``jax.jit``
+    only the static checks run (pattern, shapes, dtypes); the checks that read array
+    contents (the mask follows its layout, ``vector_index`` ranges, ``row_perm`` is a
+    permutation, metadata) are skipped, so compress eagerly when the masks come from
+    elsewhere.
 
     Args:
       params: a parameter pytree.
@@ -254,7 +349,7 @@ def compress(params, masks):
         >>> params = {"kernel": jax.random.normal(jax.random.key(0), (256, 128))}
         >>> sparse = hinm_jax.compress(params, hinm_jax.prune(params, "hinm:64:0.5:2:4"))
         >>> round(sparse["kernel"].compression_ratio("float16"), 3)
-        0.297
+        0.305
     """
 
     def one(path, mask, w):
@@ -263,32 +358,3 @@ def compress(params, masks):
         return _compress_leaf(path, jnp.asarray(w), mask)
 
     return map_with_path(one, masks, params, is_leaf=is_mask_leaf, what="masks")
-
-
-_BACKEND_MODULES = {"pallas": "hinm_jax._pallas", "cuda": "hinm_jax._cuda"}
-
-
-def backend_module(name: str):
-    """The adapter module of a kernel backend (``"pallas"`` or ``"cuda"``)."""
-    if name not in _BACKEND_MODULES:
-        raise ValueError(f"implementation={name!r}: expected one of {sorted(_BACKEND_MODULES)} or 'xla'")
-    return importlib.import_module(_BACKEND_MODULES[name])
-
-
-def pack_for(params, implementation: str):
-    """Adds a backend's packed copy to every :class:`SparseWeight` in ``params``, once,
-    so that :func:`hinm_jax.sparse_matmul` does not repack on every call.
-
-    Example:
-        >>> sparse = hinm_jax.pack_for(sparse, "cuda")  # doctest: +SKIP
-    """
-    if implementation == "xla":
-        return params
-    mod = backend_module(implementation)
-
-    def one(leaf):
-        if not isinstance(leaf, SparseWeight):
-            return leaf
-        return dataclasses.replace(leaf, packed=mod.pack(leaf), packed_for=implementation)
-
-    return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, SparseWeight))

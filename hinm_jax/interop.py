@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hinm_jax._tree import is_mask_leaf, path_str
+from hinm_jax._tree import path_str
 from hinm_jax.format import SparseWeight
-from hinm_jax.masks import Mask
+from hinm_jax.masks import Mask, is_mask_leaf
 
 __all__ = ["LINEAR", "CONV", "KEEP", "torch_layouts", "from_torch", "to_torch", "masks_to_torch"]
 

@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -28,37 +27,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hinm_jax import _structure, scores as _scores
-from hinm_jax._tree import is_mask_leaf, map_with_path, path_str
-from hinm_jax.patterns import HSS, Pattern, Unstructured, as_pattern
+from hinm_jax import core
+from hinm_jax._tree import map_with_path, path_str
+from hinm_jax.core import Layout, mask_from_layout, matrix_mask
+from hinm_jax.patterns import Pattern, as_pattern
 
 __all__ = [
     "Layout",
     "Mask",
     "prune",
     "apply_masks",
+    "ste_apply",
     "summary",
     "Summary",
     "matrix_mask",
     "mask_from_layout",
     "named_leaves",
+    "is_mask_leaf",
+    "leaf_scores",
 ]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Where a block-structured mask lives.
-
-    Attributes:
-      row_perm: ``(*stack, O)`` int32, the output-channel permutation ``π``: packed row
-        ``r`` is output channel ``row_perm[r]``, block ``r // V``.
-      vector_index: ``(*stack, O/V, K_v)`` int32, each block's kept input indices in
-        N:M walk order (``σ`` applied).
-    """
-
-    row_perm: jax.Array
-    vector_index: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -68,7 +55,8 @@ class Mask:
 
     Attributes:
       mask: bool, the leaf's shape, in original coordinates.
-      layout: the :class:`Layout`, or ``None`` for patterns without block structure.
+      layout: the :class:`~hinm_jax.core.Layout`, or ``None`` for patterns without
+        block structure.
       pattern: the pattern (static).
       stack_axes: leading axes that are independent matrices (static).
     """
@@ -84,111 +72,9 @@ class Mask:
         return jnp.mean(self.mask.astype(jnp.float32))
 
 
-# ---------------------------------------------------------------------------------------
-# One matrix (K, O)
-# ---------------------------------------------------------------------------------------
-
-
-def _clean(score):
-    score = jnp.asarray(score, jnp.float32)
-    return jnp.where(jnp.isnan(score), -jnp.inf, score)
-
-
-def stripe_keep(s, n: int):
-    """Keeps the ``n`` highest of the last axis (ties: lowest index wins); ``n`` may
-    be traced."""
-    m = s.shape[-1]
-    if isinstance(n, int) and n >= m:
-        return jnp.ones(s.shape, bool)
-    i = jnp.arange(m)
-    a = s[..., :, None]  # s_i
-    b = s[..., None, :]  # s_j
-    beats = (b > a) | ((b == a) & (i[None, :] < i[:, None]))
-    return jnp.sum(beats, axis=-1) < n
-
-
-def vector_step(score, row_perm, vector_size: int, kept_inputs: int):
-    """Each block's ``kept_inputs`` best input indices, ascending: ``(O/V, K_v)`` int32.
-
-    ``row_perm=None`` is the identity permutation.
-    """
-    k, o = score.shape
-    nb = o // vector_size
-    if kept_inputs == k:
-        return jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (nb, k))
-    block = _structure.to_blocks(score, row_perm, nb).sum(axis=2).T  # (nb, K)
-    _, idx = jax.lax.top_k(block, kept_inputs)  # ties: lowest index first
-    return jnp.sort(idx, axis=-1).astype(jnp.int32)
-
-
-def _nm_step(score, row_perm, vector_index, n: int, m: int):
-    nb, kv = vector_index.shape
-    k = score.shape[0]
-    g = _structure.gather_blocks(_structure.to_blocks(score, row_perm, nb), vector_index)  # (nb, K_v, V)
-    keep = stripe_keep(jnp.moveaxis(g.reshape(nb, kv // m, m, -1), 2, 3), n)  # (nb, J, V, m)
-    keep = jnp.moveaxis(keep, 3, 2).reshape(g.shape)
-    return _structure.from_blocks(_structure.scatter_blocks(keep, vector_index, k), row_perm)
-
-
-@functools.partial(jax.jit, static_argnames=("n", "m"))
-def mask_from_layout(score, row_perm, vector_index, n: int, m: int):
-    """The N:M step of one ``(K, O)`` matrix in a given layout: a bool ``(K, O)`` mask."""
-    return _nm_step(_clean(score), row_perm, vector_index, n, m)
-
-
-def _hss_mask(score, levels):
-    s = score.T  # (O, K): groups run along the input axis of each output channel
-    o, k = s.shape
-    keep = jnp.ones((o, k), bool)
-    group, unit = s, 1
-    for n, m in reversed(levels):
-        g = group.reshape(o, -1, m)
-        kg = stripe_keep(g, n)
-        keep = keep & jnp.repeat(kg.reshape(o, -1), unit, axis=-1)
-        group = jnp.sum(jnp.where(kg, g, 0.0), axis=-1)
-        unit *= m
-    return keep.T
-
-
-def _unstructured_mask(score, count: int):
-    flat = score.reshape(-1)
-    _, idx = jax.lax.top_k(flat, count)  # ties: lowest index first
-    return jnp.zeros(flat.shape, bool).at[idx].set(True).reshape(score.shape)
-
-
-@functools.partial(jax.jit, static_argnames=("pattern",))
-def matrix_mask(score, pattern: Pattern, row_perm=None):
-    """The mask of one ``(K, O)`` matrix of scores, in SPEC semantics.
-
-    Args:
-      score: ``(K, O)`` importance (NaN counts as least important).
-      pattern: the pattern.
-      row_perm: an output-channel permutation for block patterns (identity if ``None``).
-
-    Returns:
-      ``(mask, layout)``: a bool ``(K, O)`` mask and its :class:`Layout` (``None`` for
-      patterns without block structure).
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> mask, layout = matrix_mask(jnp.arange(16.0).reshape(8, 2), NM(2, 4))
-        >>> mask[:, 0].tolist()
-        [False, False, True, True, False, False, True, True]
-    """
-    score = _clean(score)
-    k, o = score.shape
-    if isinstance(pattern, Unstructured):
-        return _unstructured_mask(score, pattern.kept_count(k * o)), None
-    if isinstance(pattern, HSS):
-        return _hss_mask(score, pattern.levels), None
-    v, kv, n, m = pattern.structure(k, o)
-    if row_perm is not None:
-        row_perm = jnp.asarray(row_perm, jnp.int32)
-    vector_index = vector_step(score, row_perm, v, kv)
-    mask = _nm_step(score, row_perm, vector_index, n, m)
-    if row_perm is None:
-        row_perm = jnp.arange(o, dtype=jnp.int32)
-    return mask, Layout(row_perm, vector_index)
+def is_mask_leaf(x) -> bool:
+    """``True`` for the leaves of a masks pytree: a :class:`Mask` or ``None``."""
+    return x is None or isinstance(x, Mask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -230,8 +116,17 @@ def _pattern_for(path: str, leaf, pattern) -> Pattern | None:
 def _fit_error(leaf, pattern: Pattern, stack_axes: int) -> str | None:
     if leaf.ndim - stack_axes < 2:
         return f"needs at least 2 axes after stack_axes={stack_axes}"
-    _, k, o = _structure.matrix_shape(leaf.shape, stack_axes)
+    _, k, o = core.matrix_shape(leaf.shape, stack_axes)
     return pattern.fit_error(k, o)
+
+
+def _stack_axes(path: str, leaf, stack_axes) -> int:
+    sa = stack_axes(path, leaf) if callable(stack_axes) else stack_axes
+    if not isinstance(sa, (int, np.integer)) or isinstance(sa, bool):
+        raise TypeError(f"{path}: stack_axes={sa!r}: expected an int")
+    if sa < 0:
+        raise ValueError(f"{path}: stack_axes={sa!r}: must be >= 0")
+    return int(sa)
 
 
 class _Plan(NamedTuple):
@@ -241,7 +136,7 @@ class _Plan(NamedTuple):
 
 
 def _plan(path: str, leaf, pattern, where, stack_axes) -> _Plan:
-    sa = stack_axes(path, leaf) if callable(stack_axes) else int(stack_axes)
+    sa = _stack_axes(path, leaf, stack_axes)
     if where is not None:
         selected = bool(re.search(where, path)) if isinstance(where, str) else bool(where(path, leaf))
         if not selected:
@@ -265,22 +160,46 @@ def _plan(path: str, leaf, pattern, where, stack_axes) -> _Plan:
     return _Plan(pat, sa, None)
 
 
-def _score_for(path: str, leaf, score, score_leaf):
-    if score is None:
-        s = _scores.magnitude(leaf)
-    elif callable(score):
-        s = score(path, leaf)
+def leaf_scores(params, score, wanted: Callable[[str], bool]) -> dict:
+    """``{path: score}`` for the leaves of ``params`` whose path is ``wanted``.
+
+    ``score`` is the same everywhere in hinm_jax (:func:`prune`, :func:`hinm_jax.optim.sparsify`,
+    :func:`hinm_jax.optim.refresh`, :func:`hinm_jax.optim.repermute`): ``None`` for
+    ``|W|``, a pytree like ``params`` (e.g. :func:`hinm_jax.scores.taylor`) or a function
+    ``(path, leaf) -> array``. Each score must have its leaf's shape.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> leaf_scores({"w": jnp.array([[-2.0]])}, None, lambda p: True)["w"].tolist()
+        [[2.0]]
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if score is not None and not callable(score):
+        map_with_path(lambda *_: None, params, score, what="score")  # names the first path that differs
+        given = treedef.flatten_up_to(score)
     else:
-        s = score_leaf
-    if s is None:
-        raise ValueError(f"{path}: shape={tuple(leaf.shape)}: the score pytree has no score for this leaf")
-    if tuple(s.shape) != tuple(leaf.shape):
-        raise ValueError(f"{path}: shape={tuple(leaf.shape)} but its score has shape {tuple(s.shape)}")
-    return s
+        given = [None] * len(leaves)
+    items = [(path_str(p), leaf, s) for (p, leaf), s in zip(leaves, given)]
+    out = {}
+    for path, leaf, s in items:
+        if not wanted(path):
+            continue
+        if score is None:
+            s = core.magnitude(leaf)
+        elif callable(score):
+            s = score(path, leaf)
+        if s is None:
+            raise ValueError(f"{path}: shape={tuple(leaf.shape)}: the score pytree has no score for this leaf")
+        if not hasattr(s, "shape"):
+            raise TypeError(f"{path}: shape={tuple(leaf.shape)}: its score is a {type(s).__name__}, expected an array")
+        if tuple(s.shape) != tuple(leaf.shape):
+            raise ValueError(f"{path}: shape={tuple(leaf.shape)} but its score has shape {tuple(s.shape)}")
+        out[path] = s
+    return out
 
 
 def _leaf_mask(leaf, s, plan: _Plan, layout: Layout | None = None) -> Mask:
-    stack, k, o = _structure.matrix_shape(leaf.shape, plan.stack_axes)
+    stack, k, o = core.matrix_shape(leaf.shape, plan.stack_axes)
     s = jnp.asarray(s).reshape(stack + (k, o))
     pattern = plan.pattern
     if layout is None:
@@ -320,7 +239,7 @@ def prune(
         a dict ``{path regex: pattern | None}`` (first match wins, no match or ``None``
         leaves the layer dense) or a function ``(path, leaf) -> pattern | None``.
       score: importance, default ``|W|``: a pytree like ``params`` or a function
-        ``(path, leaf) -> array``.
+        ``(path, leaf) -> array`` (see :func:`leaf_scores`).
       where: a predicate ``(path, leaf) -> bool`` or a path regex choosing the leaves
         to prune (paths look like ``"encoder/layer_0/query/kernel"``). A chosen leaf that
         does not fit raises. By default every floating leaf with >= 2 axes that fits the
@@ -330,7 +249,7 @@ def prune(
         function ``(path, leaf) -> int``.
       permute: ``None`` (identity layout), ``"ocp"``, ``"ivp"`` or ``"2cp"``: search a
         layout per matrix with :mod:`hinm_jax.permute` (eager; not under ``jit``).
-      key: PRNG key for the permutation search.
+      key: PRNG key for the permutation search (required with ``permute``).
       permute_options: keyword arguments for :func:`hinm_jax.permute.search_tree`:
         ``progress=``, ``budget=`` or any :class:`hinm_jax.permute.Budget` field, e.g.
         ``{"ivp_rounds": 50}``.
@@ -345,44 +264,31 @@ def prune(
         >>> m["conv"]["kernel"].mask.shape
         (3, 3, 16, 64)
     """
-    score_tree = None if (score is None or callable(score)) else score
+    if permute is not None and key is None:
+        raise ValueError(f"permute={permute!r} needs key= (a PRNG key, e.g. jax.random.key(0)) for the search")
     plan_of = {p: _plan(p, leaf, pattern, where, stack_axes) for p, leaf in _flat_with_path(params)}
-
-    def score_of(path, leaf, s_leaf=None):
-        return _score_for(path, leaf, score, s_leaf)
-
-    if score_tree is not None:
-        scored = map_with_path(
-            lambda p, leaf, s: score_of(p, leaf, s) if plan_of[p].pattern is not None else None,
-            params,
-            score_tree,
-            what="score",
-        )
-    else:
-        scored = map_with_path(
-            lambda p, leaf: score_of(p, leaf) if plan_of[p].pattern is not None else None, params
-        )
+    scored = leaf_scores(params, score, lambda p: plan_of[p].pattern is not None)
 
     layouts = {}
     if permute is not None:
         from hinm_jax import permute as _permute
 
-        todo = [(p, s) for p, s in _flat_with_path(scored) if s is not None]
         layouts = _permute.search_tree(
-            todo,
-            {p: plan_of[p] for p, _ in todo},
+            list(scored.items()),
+            {p: plan_of[p].pattern for p in scored},
+            stack_axes={p: plan_of[p].stack_axes for p in scored},
             method=permute,
-            key=jax.random.key(0) if key is None else key,
+            key=key,
             **dict(permute_options or {}),
         )
 
-    def one(path, leaf, s):
+    def one(path, leaf):
         plan = plan_of[path]
         if plan.pattern is None:
             return None
-        return _leaf_mask(leaf, s, plan, layouts.get(path))
+        return _leaf_mask(leaf, scored[path], plan, layouts.get(path))
 
-    return map_with_path(one, params, scored, is_leaf=None)
+    return map_with_path(one, params)
 
 
 def _flat_with_path(tree):
@@ -415,6 +321,46 @@ def apply_masks(params, masks):
     """
 
     return map_masked(lambda w, mask: jnp.where(mask, w, jnp.zeros((), w.dtype)), params, masks)
+
+
+@jax.custom_jvp
+def _ste(w, mask):
+    return jnp.where(mask, w, jnp.zeros((), w.dtype))
+
+
+@_ste.defjvp
+def _ste_jvp(primals, tangents):
+    w, mask = primals
+    w_dot, _ = tangents
+    return _ste(w, mask), w_dot  # straight through: d(W*mask)/dW := identity
+
+
+def ste_apply(params, masks):
+    """``params`` with every masked leaf replaced by ``W * mask`` in the forward pass and
+    the identity in the backward pass (straight-through estimator).
+
+    Use it inside the loss: the model computes with the sparse weights, and
+    ``jax.grad`` returns ``dL/d(W*mask)`` for every entry of the dense ``W`` (pruned
+    entries included), which is what lets a pruned weight grow back when masks are
+    refreshed.
+
+    Args:
+      params: the dense parameter pytree.
+      masks: a pytree like ``params`` of :class:`Mask` / ``None`` (from :func:`prune` or
+        :func:`hinm_jax.optim.get_masks`).
+
+    Returns:
+      A pytree like ``params``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, hinm_jax
+        >>> params = {"w": jnp.arange(1.0, 9.0).reshape(4, 2)}
+        >>> masks = hinm_jax.prune(params, "2:4")
+        >>> g = jax.grad(lambda p: jnp.sum(ste_apply(p, masks)["w"]))(params)
+        >>> g["w"].tolist()  # every entry, pruned or not
+        [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
+    """
+    return map_masked(_ste, params, masks)
 
 
 def check_mask_shape(path: str, mask: Mask, w) -> None:

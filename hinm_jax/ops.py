@@ -5,10 +5,18 @@ Implementations, tried in this order by the default dispatch:
 - ``"cuda"``: the ``mma.sp`` kernel behind ``jax.ffi`` (NVIDIA GPU, compute capability
   >= 8.0, library built by nvcc);
 - ``"pallas"``: the Pallas kernel (GPU; on CPU only when asked for, in interpret mode);
-- ``"xla"``: the pure-jnp reference, the test oracle of every backend and the CPU path.
+- ``"cpu"``: the CPU kernel behind ``jax.ffi`` (CPU backend);
+- ``"xla"``: the pure-jnp reference (:mod:`hinm_jax._xla`), the test oracle of every
+  backend.
 
-A backend that cannot run a given shape or dtype raises ``NotImplementedError`` and the
-default dispatch falls through to the next one.
+The default order is ``cuda, pallas, xla`` on a GPU and ``cpu, xla`` on a CPU. A backend
+whose adapter module cannot be imported, or whose ``is_available()`` is false, is
+skipped; one that cannot run a given shape or dtype raises ``NotImplementedError`` and
+the default dispatch falls through to the next one.
+
+A backend is an adapter module registered in ``_BACKENDS`` with ``NAME``,
+``is_available() -> bool``, ``pack(w) -> pytree | None`` (its own copy of the arrays,
+stored by :func:`pack_for`) and ``matmul(x2d, w, bias=None)``.
 
 Example:
     >>> import jax, jax.numpy as jnp, hinm_jax
@@ -21,15 +29,39 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+
 import jax
 import jax.numpy as jnp
 
 from hinm_jax import _xla
-from hinm_jax.format import SparseWeight, backend_module
+from hinm_jax.format import SparseWeight
 
-__all__ = ["sparse_matmul", "reference_matmul", "available_implementations", "IMPLEMENTATIONS"]
+__all__ = [
+    "sparse_matmul",
+    "reference_matmul",
+    "available_implementations",
+    "pack_for",
+    "backend_module",
+    "IMPLEMENTATIONS",
+]
 
-IMPLEMENTATIONS = ("cuda", "pallas", "xla")
+IMPLEMENTATIONS = ("cuda", "pallas", "cpu", "xla")
+_BACKENDS = {"cuda": "hinm_jax._cuda", "pallas": "hinm_jax._pallas", "cpu": "hinm_jax._cpu"}
+_ORDER = {"gpu": ("cuda", "pallas", "xla"), "cpu": ("cpu", "xla")}
+
+reference_matmul = _xla.matmul
+"""The pure-jnp reference ``x @ w.densify()`` for ``x`` of shape ``(T, K)``: the same
+function as :func:`hinm_jax._xla.matmul`."""
+
+
+def backend_module(name: str):
+    """The adapter module of a kernel backend (``"cuda"``, ``"pallas"`` or ``"cpu"``);
+    raises ``ImportError`` when it cannot be imported here."""
+    if name not in _BACKENDS:
+        raise ValueError(f"implementation={name!r}: expected one of {sorted(_BACKENDS)}")
+    return importlib.import_module(_BACKENDS[name])
 
 
 def _kernel_backend(name: str):
@@ -40,40 +72,37 @@ def _kernel_backend(name: str):
         return None
 
 
+def _runs_here(name: str) -> bool:
+    if name == "xla":
+        return True
+    mod = _kernel_backend(name)
+    return mod is not None and mod.is_available()
+
+
 def available_implementations() -> tuple[str, ...]:
     """The implementations that can run on jax's default backend here, in dispatch
     order. ``"pallas"`` is listed on CPU too: it runs there in interpret mode (slow,
     for testing)."""
-    out = []
-    for name in IMPLEMENTATIONS[:-1]:
-        mod = _kernel_backend(name)
-        if mod is not None and mod.is_available():
-            out.append(name)
-    return tuple(out) + ("xla",)
+    return tuple(name for name in IMPLEMENTATIONS if _runs_here(name))
 
 
-def _gather_path(x, w: SparseWeight):
-    """Expanded tiles times gathered activations: ``(T, K)`` -> ``(T, O)``, columns in
-    packed order (see :mod:`hinm_jax._xla`)."""
-    return _xla.gather_path(x, w)
+def pack_for(params, implementation: str):
+    """Adds a backend's packed copy to every :class:`~hinm_jax.format.SparseWeight` in
+    ``params``, once, so that :func:`sparse_matmul` does not repack on every call.
 
-
-def _dense_path(x, w: SparseWeight):
-    """The densified weight in one dense dot: ``(T, K)`` -> ``(T, O)``, columns in packed
-    order."""
-    return _xla.dense_path(x, w)
-
-
-def reference_matmul(x, w: SparseWeight):
-    """The pure-jnp reference: ``x @ w.densify()`` for ``x`` of shape ``(T, K)``.
-
-    It never builds the dense weight (except for tiny ones): it picks per shape between
-    reading the compressed values once per token (one token) and expanding them chunk by
-    chunk into tiles that multiply gathered activations (several tokens); see
-    :func:`hinm_jax._xla.strategy`. fp32 is exact to rounding; fp16/bf16 accumulate in
-    fp32. Differentiable in ``x``; works under ``jax.jit``.
+    Example:
+        >>> sparse = hinm_jax.pack_for(sparse, "cuda")  # doctest: +SKIP
     """
-    return _xla.matmul(x, w)
+    if implementation == "xla":
+        return params
+    mod = backend_module(implementation)
+
+    def one(leaf):
+        if not isinstance(leaf, SparseWeight):
+            return leaf
+        return dataclasses.replace(leaf, packed=mod.pack(leaf), packed_for=implementation)
+
+    return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, SparseWeight))
 
 
 def _check(x, w) -> None:
@@ -99,8 +128,8 @@ def sparse_matmul(x, w: SparseWeight, *, bias=None, implementation: str | None =
       w: a :class:`~hinm_jax.format.SparseWeight` with no stack axes (a conv kernel
         multiplies flattened patches: ``K = kh*kw*I``).
       bias: optional ``(O,)`` added to the output.
-      implementation: ``"cuda"``, ``"pallas"``, ``"xla"`` or ``None`` (the best that
-        runs here, see :func:`available_implementations`).
+      implementation: ``"cuda"``, ``"pallas"``, ``"cpu"``, ``"xla"`` or ``None`` (the
+        best that runs here, in the order of the module docstring).
 
     Returns:
       ``(..., O)`` in ``x``'s dtype (promoted with ``w``'s); fp16/bf16 accumulate in fp32.
@@ -114,7 +143,7 @@ def sparse_matmul(x, w: SparseWeight, *, bias=None, implementation: str | None =
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if implementation is None:
-        names = available_implementations() if jax.default_backend() == "gpu" else ("xla",)
+        names = tuple(n for n in _ORDER.get(jax.default_backend(), ("xla",)) if _runs_here(n))
     elif implementation in IMPLEMENTATIONS:
         names = (implementation,)
     else:

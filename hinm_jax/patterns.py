@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from fractions import Fraction
 from typing import NamedTuple, Union
 
@@ -54,22 +55,37 @@ class BlockStructure(NamedTuple):
     m: int
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _check_sparsity(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= value < 1.0):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name}={value!r}: a sparsity must be a number in [0, 1), got {type(value).__name__}")
+    if not (0.0 <= value < 1.0):
         raise ValueError(f"{name}={value!r}: a sparsity must be a number in [0, 1)")
 
 
 def _check_nm(n: int, m: int) -> None:
     for name, v in (("n", n), ("m", m)):
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise ValueError(f"{name}={v!r}: must be an int")
+        if not _is_int(v):
+            raise TypeError(f"{name}={v!r}: must be an int, got {type(v).__name__}")
     if n < 1 or n >= m:
         raise ValueError(f"n={n}, m={m}: N:M sparsity needs 1 <= n < m")
 
 
 def _check_vector_size(v: int) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+    if not _is_int(v):
+        raise TypeError(f"vector_size={v!r}: must be an int >= 1, got {type(v).__name__}")
+    if v < 1:
         raise ValueError(f"vector_size={v!r}: must be an int >= 1")
+
+
+def _number(x) -> str:
+    """The shortest text that parses back to the same float (``repr``), ``"0.5"``,
+    ``"0.3333333333333333"``; integral values without ``.0``."""
+    r = repr(float(x))
+    return r[:-2] if r.endswith(".0") else r
 
 
 def _kept(k: int, sparsity: float, multiple: int) -> int:
@@ -95,7 +111,8 @@ class Pattern:
 
     @property
     def spec(self) -> str:
-        """The short string form, accepted by :func:`parse_pattern`."""
+        """The short string form: ``parse_pattern(p.spec) == p`` exactly (sparsities are
+        written with ``repr``)."""
         raise NotImplementedError
 
     def __str__(self) -> str:
@@ -146,7 +163,7 @@ class HiNM(Pattern):
 
     @property
     def spec(self):
-        return f"hinm:{self.vector_size}:{self.vector_sparsity:g}:{self.n}:{self.m}"
+        return f"hinm:{self.vector_size}:{_number(self.vector_sparsity)}:{self.n}:{self.m}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +232,7 @@ class VectorWise(Pattern):
 
     @property
     def spec(self):
-        return f"vw:{self.vector_size}:{self.vector_sparsity:g}"
+        return f"vw:{self.vector_size}:{_number(self.vector_sparsity)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +265,7 @@ class Unstructured(Pattern):
 
     @property
     def spec(self):
-        return f"unstructured:{self.sparsity:g}"
+        return f"unstructured:{_number(self.sparsity)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,9 +286,13 @@ class HSS(Pattern):
 
     def __post_init__(self):
         try:
-            levels = tuple((int(n), int(m)) for n, m in self.levels)
+            levels = tuple((n, m) for n, m in self.levels)
         except (TypeError, ValueError):
-            raise ValueError(f"levels={self.levels!r}: must be a sequence of (n, m) pairs") from None
+            raise TypeError(f"levels={self.levels!r}: must be a sequence of (n, m) int pairs") from None
+        for n, m in levels:
+            if not (_is_int(n) and _is_int(m)):
+                raise TypeError(f"levels={self.levels!r}: must be a sequence of (n, m) int pairs")
+        levels = tuple((int(n), int(m)) for n, m in levels)
         if not levels:
             raise ValueError("levels=(): HSS needs at least one (n, m) level")
         for n, m in levels:
@@ -306,7 +327,7 @@ def parse_pattern(text: str) -> Pattern:
         NM(n=2, m=4)
     """
     if not isinstance(text, str):
-        raise ValueError(f"pattern={text!r}: expected a Pattern or a string such as 'hinm:64:0.5:2:4'")
+        raise TypeError(f"pattern={text!r}: expected a Pattern or a string such as 'hinm:64:0.5:2:4'")
     parts = text.strip().lower().split(":")
     try:
         head = parts[0]
@@ -323,8 +344,8 @@ def parse_pattern(text: str) -> Pattern:
         if head == "hss" and len(parts) >= 3:
             body = text.strip().split(":", 1)[1]
             return HSS(tuple(tuple(int(v) for v in lvl.split(":")) for lvl in body.split(",")))
-    except ValueError as e:
-        if "pattern=" in str(e) or "=" in str(e):
+    except (TypeError, ValueError) as e:
+        if "=" in str(e):
             raise ValueError(f"pattern={text!r}: {e}") from None
     raise ValueError(
         f"pattern={text!r}: not understood; use 'hinm:V:s:n:m', 'n:m', 'vw:V:s', "

@@ -1,6 +1,6 @@
 """Channel permutation search for block patterns: OCP, IVP and 2CP.
 
-A HiNM mask is computed in a *layout* (:class:`~hinm_jax.masks.Layout`): an output-channel
+A HiNM mask is computed in a *layout* (:class:`~hinm_jax.core.Layout`): an output-channel
 permutation ``π`` (which channels share a block of ``V``) and, per block, its ``K_v`` kept
 input indices in N:M walk order (``σ``). The layout is metadata: weights and neighbouring
 layers are never rewritten, and the mask stays in original coordinates. This module
@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hinm_jax import _permute_ivp, _permute_ocp, _structure
-from hinm_jax.masks import Layout, mask_from_layout, matrix_mask
+from hinm_jax.core import Layout, mask_from_layout, matrix_mask
 from hinm_jax.patterns import NM, BlockStructure, Pattern, VectorWise, as_pattern
 
 __all__ = ["METHODS", "Budget", "search", "search_tree", "efficacy", "kept", "planted"]
@@ -238,11 +238,7 @@ def _search_batch(scores: np.ndarray, plan: _Plan, seeds: Sequence[Sequence[int]
             s,
             perms,
             rngs,
-            v=v,
-            kv=kv,
-            n=n,
-            m=m,
-            order=plan.order,
+            v=v, kv=kv, n=n, m=m, order=plan.order,
             cycles=counts.ocp_cycles,
             descent=counts.ocp_descent,
             perturb=budget.ocp_perturb,
@@ -323,7 +319,7 @@ def search(score, pattern, method: str = "2cp", *, key=None, budget: Budget | No
         (e.g. ``ivp_rounds=50``, ``time_limit=2.0``).
 
     Returns:
-      A :class:`~hinm_jax.masks.Layout`; the mask is
+      A :class:`~hinm_jax.core.Layout`; the mask is
       ``mask_from_layout(score, layout.row_perm, layout.vector_index, n, m)``.
 
     Example:
@@ -346,8 +342,9 @@ def search(score, pattern, method: str = "2cp", *, key=None, budget: Budget | No
 
 def search_tree(
     todo: Sequence[tuple[str, Any]],
-    plans: Mapping[str, Any],
+    patterns: Mapping[str, Pattern | str],
     *,
+    stack_axes: Mapping[str, int] | int = 0,
     method: str = "2cp",
     key=None,
     progress: bool = True,
@@ -362,8 +359,9 @@ def search_tree(
 
     Args:
       todo: ``(path, score)`` pairs, the score shaped like the leaf.
-      plans: ``plans[path]`` has ``.pattern`` and ``.stack_axes``; the leaf is the stack
-        of ``(K, O)`` matrices ``score.reshape(stack + (K, O))``.
+      patterns: ``{path: pattern}`` for every path in ``todo``.
+      stack_axes: ``{path: leading stack axes}`` (missing paths: 0), or one int for all;
+        the leaf is the stack of ``(K, O)`` matrices ``score.reshape(stack + (K, O))``.
       method: ``"ocp"``, ``"ivp"`` or ``"2cp"``.
       key: PRNG key; matrix ``j`` of the ``i``-th leaf draws from ``(key, i, j)``.
       progress: show a tqdm progress bar.
@@ -376,7 +374,7 @@ def search_tree(
     Example:
         >>> import jax, hinm_jax
         >>> params = {"a": {"kernel": jax.random.normal(jax.random.key(0), (64, 64))}}
-        >>> masks = hinm_jax.prune(params, "hinm:16:0.5:2:4", permute="2cp",
+        >>> masks = hinm_jax.prune(params, "hinm:16:0.5:2:4", permute="2cp", key=jax.random.key(0),
         ...                        permute_options={"progress": False})
         >>> masks["a"]["kernel"].layout.vector_index.shape
         (4, 32)
@@ -385,13 +383,12 @@ def search_tree(
     words = _seed_words(key)
     leaves = []  # (path, score, stack, K, O, plan, pattern); matrices are read when searched
     for path, score in todo:
-        entry = plans[path]
-        pattern = as_pattern(entry.pattern)
+        pattern = as_pattern(patterns[path])
         shape = tuple(np.shape(score))
-        stack_axes = int(getattr(entry, "stack_axes", 0))
-        if len(shape) - stack_axes < 2:
-            raise ValueError(f"{path}: shape={shape} pattern {pattern}: needs 2 axes after stack_axes={stack_axes}")
-        stack, k, o = _structure.matrix_shape(shape, stack_axes)
+        sa = stack_axes.get(path, 0) if isinstance(stack_axes, Mapping) else stack_axes
+        if len(shape) - sa < 2:
+            raise ValueError(f"{path}: shape={shape} pattern {pattern}: needs 2 axes after stack_axes={sa}")
+        stack, k, o = _structure.matrix_shape(shape, sa)
         leaves.append((path, score, stack, k, o, _plan(pattern, method, shape, k, o, path), pattern))
 
     def matrix(i, j):
@@ -486,12 +483,12 @@ def efficacy(score, pattern, layout: Layout) -> float:
     Args:
       score: ``(K, O)`` importance, or ``(*stack, K, O)`` with a stacked ``layout``.
       pattern: the block pattern (or its string form).
-      layout: the :class:`~hinm_jax.masks.Layout` to measure.
+      layout: the :class:`~hinm_jax.core.Layout` to measure.
 
     Example:
         >>> import jax, hinm_jax
         >>> s = abs(jax.random.normal(jax.random.key(0), (32, 64)))
-        >>> _, base = hinm_jax.masks.matrix_mask(s, hinm_jax.HiNM(16, 0.5, 2, 4))
+        >>> _, base = hinm_jax.core.matrix_mask(s, hinm_jax.HiNM(16, 0.5, 2, 4))
         >>> efficacy(s, "hinm:16:0.5:2:4", base)
         0.0
     """

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hinm_jax import _capture
 from hinm_jax._tree import map_with_path
 from hinm_jax.masks import check_mask_shape, named_leaves
 
@@ -148,57 +149,14 @@ def _rows(x, weights, *, ones: bool):
     return x2 * jnp.sqrt(w)
 
 
-def _linen_runner(model, variables, call):
-    import flax.linen as nn
-
-    def run(params, batch, record):
-        def intercept(next_fun, args, kwargs, context):
-            mod = context.module
-            if isinstance(mod, nn.Dense) and context.method_name == "__call__" and args:
-                record("/".join(str(p) for p in mod.scope.path) + "/kernel", args[0])
-            return next_fun(*args, **kwargs)
-
-        with nn.intercept_methods(intercept):
-            return call(lambda *a, **kw: model.apply({**variables, "params": params}, *a, **kw), batch)
-
-    return run
-
-
-def _nnx_runner(model, call):
-    from flax import nnx
-
-    from hinm_jax.select import replace_modules
-
-    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-
-    class _Probe(nnx.Module):
-        def __init__(self, inner, path, record):
-            self.inner, self.path, self.record = inner, path, record
-
-        def __call__(self, x, *args, **kwargs):
-            self.record(f"{self.path}/kernel", x)
-            return self.inner(x, *args, **kwargs)
-
-    def run(params, batch, record):
-        m = nnx.merge(graphdef, params, rest)  # a fresh copy: probing it in place is safe
-        replace_modules(m, lambda p, mod: _Probe(mod, p, record) if isinstance(mod, nnx.Linear) else None)
-        return call(m, batch)
-
-    return run
-
-
 def _runner(model, variables, call):
-    import flax.linen as nn
-    from flax import nnx
+    """``run(params, batch, record)`` calling ``record(kernel path, x)`` for every dense layer."""
+    run = _capture.runner(model, variables, call, wanted=lambda mod: _capture.layer_kind(mod) == "dense")
 
-    call = call or (lambda f, batch: f(batch))
-    if isinstance(model, nn.Module):
-        return _linen_runner(model, dict(variables or {}), call)
-    if isinstance(model, nnx.Module):
-        if variables:
-            raise ValueError("variables: only for linen modules; an nnx module carries its own state")
-        return _nnx_runner(model, call)
-    raise ValueError(f"model: expected a flax linen or nnx Module, got {type(model).__name__}")
+    def run_dense(params, batch, record):
+        return run(params, batch, lambda mpath, mod, x: record(f"{mpath}/kernel" if mpath else "kernel", x))
+
+    return run_dense
 
 
 def call_order(model, params, batch, *, variables=None, call=None) -> list[list[str]]:

@@ -10,8 +10,9 @@
   averaged over batches.
 
 :func:`wanda` returns a function ``(path, leaf) -> score`` and :func:`taylor` a pytree
-like ``params``: both are accepted as ``score=`` by :func:`hinm_jax.prune` (and through it
-by the permutation search).
+like ``params``: both are accepted as ``score=`` everywhere (:func:`hinm_jax.prune`,
+:func:`hinm_jax.optim.sparsify`, :func:`hinm_jax.optim.refresh`,
+:func:`hinm_jax.optim.repermute`; see :func:`hinm_jax.masks.leaf_scores`).
 
 Example:
     >>> import jax.numpy as jnp
@@ -27,12 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hinm_jax import _capture
+from hinm_jax.core import magnitude
+from hinm_jax.layers.functional import ConvSpec, conv_patches
+
 __all__ = ["magnitude", "input_norms", "wanda", "taylor"]
 
 
-def magnitude(w):
-    """``|W|`` in float32, the default importance."""
-    return jnp.abs(jnp.asarray(w)).astype(jnp.float32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -71,8 +73,6 @@ def _dense_sumsq(x, axis, path, weights=None):
 
 def _conv_sumsq(x, module):
     """Sum of squares of each patch feature, in kernel order ``(*kernel_size, I)``."""
-    from hinm_jax.layers import ConvSpec, conv_patches
-
     spec = ConvSpec.of(module)
     spec_1 = ConvSpec(spec.kernel_size, spec.strides, spec.padding, spec.input_dilation, spec.kernel_dilation)
     p = conv_patches(jnp.asarray(x, jnp.float32), spec_1)  # (..., I * P), input channel slowest
@@ -89,18 +89,6 @@ def _grouped(norm, groups: int, out_features: int):
     n = norm.reshape(tuple(ks) + (groups, i // groups))
     group_of = np.arange(out_features) // (out_features // groups)
     return jnp.moveaxis(jnp.take(n, jnp.asarray(group_of), axis=-2), -2, -1)
-
-
-def _linen_kind(module):
-    import flax.linen as nn
-
-    if isinstance(module, nn.Dense):
-        return "dense"
-    if isinstance(module, nn.DenseGeneral):
-        return "dense_general"
-    if isinstance(module, nn.Conv):
-        return "conv"
-    return None
 
 
 def _module_sumsq(kind, module, x, path, weights=None):
@@ -129,98 +117,32 @@ def _finish(sums: Mapping[str, Any], modules: Mapping[str, Any]) -> dict[str, ja
     return out
 
 
-def _linen_norms(model, batches, variables, call, row_weights):
-    import flax.linen as nn
-
-    if variables is None:
-        raise ValueError(f"variables: {type(model).__name__} is a linen module: pass its variables ({{'params': ...}})")
+def _norms(model, batches, variables, call, row_weights) -> dict[str, jax.Array]:
+    run = _capture.runner(model, variables, call)
     modules = {}
 
-    def stats(variables, batch):
+    def stats(params, batch):
         sums = {}
         weights = None if row_weights is None else row_weights(batch)
 
-        def record(next_fun, args, kwargs, context):
-            mod = context.module
-            kind = _linen_kind(mod) if context.method_name == "__call__" else None
-            if kind is not None and args:
-                mpath = "/".join(str(p) for p in mod.scope.path)
-                path = f"{mpath}/kernel" if mpath else "kernel"
-                s = _module_sumsq(kind, mod, args[0], path, weights)
-                sums[path] = sums[path] + s if path in sums else s
-                modules[path] = mod
-            return next_fun(*args, **kwargs)
+        def record(mpath, mod, x):
+            path = f"{mpath}/kernel" if mpath else "kernel"
+            s = _module_sumsq(_capture.layer_kind(mod), mod, x, path, weights)
+            sums[path] = sums[path] + s if path in sums else s
+            modules[path] = mod
 
-        with nn.intercept_methods(record):
-            call(lambda *a, **kw: model.apply(variables, *a, **kw), batch)
+        run(params, batch, record)
         return sums
 
-    run = jax.jit(stats)
+    step = jax.jit(stats)
+    params = _capture.model_params(model, variables)
     total = None
     for batch in batches:
-        s = run(variables, batch)
+        s = step(params, batch)
         total = s if total is None else jax.tree.map(jnp.add, total, s)
     if total is None:
         raise ValueError("batches: no calibration batch given")
     return _finish(total, modules)
-
-
-def _nnx_norms(model, batches, call, row_weights):
-    from flax import nnx
-
-    from hinm_jax.select import replace_modules
-
-    class _InputSumSq(nnx.Variable):
-        pass
-
-    batch_weights = {}  # this batch's row weights, set while tracing the step below
-
-    class _Probe(nnx.Module):
-        def __init__(self, inner, path, kind, shape):
-            self.inner = inner
-            self.path = path
-            self.kind = kind
-            self.sumsq = _InputSumSq(jnp.zeros(shape, jnp.float32))
-
-        def __call__(self, x, *args, **kwargs):
-            s = _module_sumsq(self.kind, self.inner, x, f"{self.path}/kernel", batch_weights.get("w"))
-            self.sumsq.set_value(self.sumsq.get_value() + s)
-            return self.inner(x, *args, **kwargs)
-
-    def probe(path, mod):
-        if isinstance(mod, nnx.LinearGeneral):
-            return _Probe(mod, path, "dense_general", tuple(mod.in_features))
-        if isinstance(mod, nnx.Linear):
-            return _Probe(mod, path, "dense", (mod.in_features,))
-        if isinstance(mod, nnx.Conv):
-            return _Probe(mod, path, "conv", tuple(mod.kernel_size) + (mod.in_features,))
-        return None
-
-    probed = replace_modules(nnx.clone(model), probe)
-
-    def run(m, batch):
-        if row_weights is not None:
-            batch_weights["w"] = row_weights(batch)
-        return call(m, batch)
-
-    step = nnx.jit(run)
-    n = 0
-    for batch in batches:
-        step(probed, batch)
-        n += 1
-    if n == 0:
-        raise ValueError("batches: no calibration batch given")
-    sums, modules = {}, {}
-    for path, mod in nnx.iter_modules(probed):
-        if isinstance(mod, _Probe):
-            key = f"{mod.path}/kernel"
-            sums[key] = mod.sumsq.get_value()
-            modules[key] = mod.inner
-    return _finish(sums, modules)
-
-
-def _default_call(f, batch):
-    return f(batch)
 
 
 def input_norms(
@@ -259,15 +181,7 @@ def input_norms(
         >>> input_norms(model, [jnp.array([[3.0, 0.0, 1.0]]), jnp.array([[4.0, 0.0, 0.0]])], variables)
         {'kernel': Array([5., 0., 1.], dtype=float32)}
     """
-    import flax.linen as nn
-    from flax import nnx
-
-    call = call or _default_call
-    if isinstance(model, nn.Module):
-        return _linen_norms(model, batches, variables, call, row_weights)
-    if isinstance(model, nnx.Module):
-        return _nnx_norms(model, batches, call, row_weights)
-    raise ValueError(f"model: expected a flax linen or nnx Module, got {type(model).__name__}")
+    return _norms(model, batches, variables, call, row_weights)
 
 
 def wanda(norms: Mapping[str, Any], *, fallback: Callable | None = None) -> Callable[[str, Any], jax.Array]:

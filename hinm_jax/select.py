@@ -36,6 +36,9 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
 
+from hinm_jax import _capture
+from hinm_jax._capture import replace_modules
+
 __all__ = [
     "ModuleInfo",
     "Predicate",
@@ -70,10 +73,6 @@ class ModuleInfo(NamedTuple):
     module: Any
 
 
-def _join(parts) -> str:
-    return "/".join(str(p) for p in parts)
-
-
 def _is_linen(model) -> bool:
     import flax.linen as nn
 
@@ -94,7 +93,7 @@ def _linen_modules(model, args, kwargs, method) -> tuple[ModuleInfo, ...]:
     def record(next_fun, a, kw, context):
         mod = context.module
         if mod.scope is not None:
-            path = _join(mod.scope.path)
+            path = _capture.join_path(mod.scope.path)
             if path not in seen:
                 seen[path] = ModuleInfo(path, type(mod), mod)
         return next_fun(*a, **kw)
@@ -113,7 +112,7 @@ def _linen_modules(model, args, kwargs, method) -> tuple[ModuleInfo, ...]:
 def _nnx_graph_modules(model) -> tuple[ModuleInfo, ...]:
     from flax import nnx
 
-    return tuple(ModuleInfo(_join(path), type(mod), mod) for path, mod in nnx.iter_modules(model))
+    return tuple(ModuleInfo(_capture.join_path(path), type(mod), mod) for path, mod in nnx.iter_modules(model))
 
 
 def _nnx_layer_types():
@@ -124,25 +123,16 @@ def _nnx_layer_types():
 
 def _nnx_call_order(model, args, kwargs) -> tuple[ModuleInfo, ...]:
     """The kernel layers in the order a call on ``args`` enters them, then the rest."""
-    from flax import nnx
-
     infos = {info.path: info for info in _nnx_graph_modules(model)}
     order: list[ModuleInfo] = []
 
-    class _Probe(nnx.Module):
-        def __init__(self, inner, path):
-            self.inner = inner
-            self.path = path
+    def record(path, mod, x):
+        if all(info.path != path for info in order):
+            order.append(infos[path])
 
-        def __call__(self, *a, **kw):
-            if all(info.path != self.path for info in order):
-                order.append(infos[self.path])
-            return self.inner(*a, **kw)
-
-    probed = replace_modules(
-        nnx.clone(model), lambda path, mod: _Probe(mod, path) if isinstance(mod, _nnx_layer_types()) else None
-    )
-    nnx.eval_shape(lambda m: m(*args, **kwargs), probed)
+    types = _nnx_layer_types()
+    run = _capture.runner(model, None, lambda m, _: m(*args, **kwargs), wanted=lambda mod: isinstance(mod, types))
+    jax.eval_shape(lambda p: run(p, None, record), _capture.model_params(model))
     called = {info.path for info in order}
     return tuple(order) + tuple(info for path, info in infos.items() if path not in called)
 
@@ -402,54 +392,3 @@ def not_(pred) -> Predicate:
     """Selects what ``pred`` (a predicate or path regex) does not."""
     p = _as_predicate(pred)
     return lambda path, leaf: not p(path, leaf)
-
-
-def _child(parent, key):
-    if isinstance(key, int):
-        return parent[key]
-    try:
-        return getattr(parent, key)
-    except AttributeError:
-        return parent[key]
-
-
-def _set_child(parent, key, value) -> None:
-    if isinstance(key, int):
-        parent[key] = value
-        return
-    if hasattr(parent, key):
-        setattr(parent, key, value)
-    else:
-        parent[key] = value
-
-
-def replace_modules(model, fn: Callable[[str, Any], Any]):
-    """Replaces, **in place**, every nnx submodule ``m`` at path ``p`` for which
-    ``fn(p, m)`` returns a module (``None`` keeps ``m``); returns ``model``.
-
-    Call it on a copy (``nnx.clone(model)``) to keep the original. Paths are "/"-joined
-    (``"layers/0"``); the root itself is never replaced.
-
-    Example:
-        >>> from flax import nnx
-        >>> m = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), nnx.relu)
-        >>> m = replace_modules(m, lambda p, mod: nnx.Linear(4, 2, rngs=nnx.Rngs(1))
-        ...                     if isinstance(mod, nnx.Linear) else None)
-        >>> m(jax.numpy.ones((1, 4))).shape
-        (1, 2)
-    """
-    from flax import nnx
-
-    todo = []
-    for path, mod in nnx.iter_modules(model):
-        if not path:
-            continue
-        new = fn(_join(path), mod)
-        if new is not None:
-            todo.append((path, new))
-    for path, new in todo:
-        parent = model
-        for key in path[:-1]:
-            parent = _child(parent, key)
-        _set_child(parent, path[-1], new)
-    return model

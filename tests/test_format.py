@@ -142,3 +142,39 @@ def test_compress_rejects_masks_that_break_their_layout():
     um = hinm_jax.prune({"w": w}, "unstructured:0.5")
     with pytest.raises(ValueError, match=r"w: shape=\(64, 32\) pattern unstructured:0.5: this pattern has no compressed format"):
         hinm_jax.compress({"w": w}, um)
+
+
+def _damaged(**change):
+    w = jax.random.normal(jax.random.key(0), (64, 32))
+    sw = hinm_jax.compress({"w": w}, hinm_jax.prune({"w": w}, "hinm:16:0.5:2:4"))["w"]
+    return dataclasses.replace(sw, **{k: f(sw) for k, f in change.items()})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"row_perm": lambda sw: sw.row_perm.at[0].set(sw.row_perm[1])}, "row_perm is not a permutation"),
+        ({"vector_index": lambda sw: sw.vector_index.at[0, 0].set(64)}, "vector_index has entries outside"),
+        ({"vector_index": lambda sw: sw.vector_index.at[0, 1].set(sw.vector_index[0, 0])}, "repeats an input"),
+        ({"vector_index": lambda sw: sw.vector_index[:1]}, r"vector_index has shape \(1, 32\), expected \(2, 32\)"),
+        ({"metadata": lambda sw: sw.metadata ^ jnp.uint32(3)}, "metadata positions"),
+        ({"values": lambda sw: sw.values[:, :-1]}, "values has shape"),
+        ({"row_perm": lambda sw: sw.row_perm.astype(jnp.float32)}, "row_perm has dtype float32"),
+    ],
+)
+def test_validate_names_path_shape_and_pattern(change, message):
+    sw = _damaged(**change)
+    with pytest.raises(ValueError, match=message) as info:
+        sw.validate("enc/q/kernel")
+    assert "enc/q/kernel: shape=(64, 32) pattern hinm:16:0.5:2:4" in str(info.value)
+
+
+def test_compress_rejects_a_row_perm_that_is_not_a_permutation():
+    w = jax.random.normal(jax.random.key(0), (64, 32))
+    masks = hinm_jax.prune({"w": w}, "hinm:16:0.5:2:4")
+    layout = masks["w"].layout
+    bad = dataclasses.replace(masks["w"], layout=dataclasses.replace(layout, row_perm=jnp.zeros(32, jnp.int32)))
+    with pytest.raises(ValueError, match="w: shape=\\(64, 32\\) pattern hinm:16:0.5:2:4"):
+        hinm_jax.compress({"w": w}, {"w": bad})
+    with pytest.raises(TypeError, match="w: shape=\\(64, 32\\): expected a hinm_jax.Mask"):
+        hinm_jax.compress({"w": w}, {"w": masks["w"].mask})

@@ -191,3 +191,42 @@ def test_bad_inputs_name_the_path_shape_and_pattern():
     bad = dict(params, mlp={"kernel": params["mlp"]["kernel"][:128], "bias": params["mlp"]["bias"]})
     with pytest.raises(ValueError, match=r"mlp/kernel: shape=\(128, 128\) but its mask \(2:4\) has shape \(256, 128\)"):
         hinm_jax.apply_masks(bad, masks)
+
+
+def test_permutation_search_needs_a_key():
+    params = {"w": jax.random.normal(jax.random.key(0), (64, 64))}
+    with pytest.raises(ValueError, match="permute='2cp' needs key="):
+        hinm_jax.prune(params, "hinm:16:0.5:2:4", permute="2cp")
+
+
+@pytest.mark.parametrize("stack_axes", [1.7, "1", True])
+def test_stack_axes_must_be_an_int(stack_axes):
+    params = {"w": jnp.ones((2, 64, 32))}
+    with pytest.raises(TypeError, match=r"w: stack_axes="):
+        hinm_jax.prune(params, "2:4", stack_axes=stack_axes)
+
+
+def test_score_function_must_return_an_array():
+    params = {"w": jnp.ones((64, 32))}
+    with pytest.raises(TypeError, match="w: shape=\\(64, 32\\): its score is a list"):
+        hinm_jax.prune(params, "2:4", score=lambda path, leaf: [1.0])
+
+
+def test_import_is_light():
+    """``import hinm_jax`` loads neither flax, optax, scipy, orbax nor tqdm; they load
+    with the parts that use them, and flax serialization still knows hinm_jax's types."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, hinm_jax\n"
+        "heavy = [m for m in ('flax', 'optax', 'scipy', 'orbax', 'tqdm') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "hinm_jax.optim, hinm_jax.layers, hinm_jax.efficacy\n"
+        "assert 'optax' in sys.modules and 'flax' in sys.modules and 'scipy' in sys.modules\n"
+        "from flax import serialization\n"
+        "p = {'w': hinm_jax.patterns.HiNM(16, 0.5).spec}\n"
+        "m = hinm_jax.prune({'w': __import__('jax').numpy.ones((64, 32))}, '2:4')\n"
+        "assert serialization.to_state_dict(m)['w']['mask'].shape == (64, 32)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import hinm_jax
-from hinm_jax import NM, HiNM, VectorWise, _xla
+from hinm_jax import NM, HiNM, VectorWise
 from hinm_jax.ops import reference_matmul
 
 
@@ -20,7 +20,7 @@ def _runnable(impl: str) -> bool:
     if impl == "xla":
         return True
     try:
-        mod = hinm_jax.format.backend_module(impl)
+        mod = hinm_jax.ops.backend_module(impl)
     except ImportError:
         return False
     if impl == "pallas":
@@ -115,17 +115,14 @@ def test_gradient_in_x(impl):
 
 @pytest.mark.parametrize("t", [1, 64])
 @pytest.mark.parametrize("k, o, pattern", SHAPES + [(40, 16, VectorWise(8, 0.5)), (32, 16, NM(3, 8))])
-def test_reference_paths_agree(k, o, pattern, t):
-    """Both reference paths (gather, dense) compute the same product."""
-    from hinm_jax import ops
+def test_reference_matches_float64(k, o, pattern, t):
+    """The reference equals the float64 product of the densified weight."""
+    from hinm_jax import _xla
 
+    assert reference_matmul is _xla.matmul  # one function, re-exported
     sw = _sparse(k, o, pattern, jnp.float32)
     x = jax.random.normal(jax.random.key(0), (t, k))
     want = np.asarray(x, np.float64) @ np.asarray(sw.densify(), np.float64)
-    inv = hinm_jax._structure.inverse_permutation(sw.row_perm)
-    for path in (ops._gather_path, ops._dense_path):
-        y = path(x, sw)[:, inv]
-        np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(reference_matmul(x, sw)), want, rtol=1e-5, atol=1e-5)
 
 
@@ -162,31 +159,16 @@ def test_bad_inputs():
             hinm_jax.sparse_matmul(jnp.ones((3, 64)), sw, implementation="cuda")
 
 
-# --- the reference strategies (hinm_jax._xla) -------------------------------------------
+# --- the reference on shapes of every kind ---------------------------------------------
 
 
-STRATEGY_CASES = [  # (K, O, pattern, shuffle_nm): every strategy must handle all of them
+REFERENCE_CASES = [  # (K, O, pattern, shuffle_nm)
     (256, 256, HiNM(64, 0.5, 2, 4), False),
     (192, 128, HiNM(32, 0.25, 2, 4), False),
     (128, 256, NM(2, 4), True),
     (96, 64, NM(3, 8), True),
     (80, 128, VectorWise(16, 0.5), False),
 ]
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Chunks of a few KiB and no dense shortcut, so that small shapes take the chunked
-    strategies and run many chunks (whole blocks, and pieces of a block for plain N:M)
-    and token slices. The constants are read at trace time: clear the jit cache."""
-    monkeypatch.setattr(_xla, "_CHUNK_BYTES", 24 << 10)
-    monkeypatch.setattr(_xla, "_SELECT_CHUNK_VALUES", 3000)
-    monkeypatch.setattr(_xla, "_MAX_TOKENS", 48)
-    monkeypatch.setattr(_xla, "_DENSE_MAX_ENTRIES", 0)
-    monkeypatch.setattr(_xla, "_MAX_UNROLLED", 4)
-    _xla._matmul.clear_cache()
-    yield
-    _xla._matmul.clear_cache()
 
 
 @functools.lru_cache(maxsize=None)
@@ -198,51 +180,32 @@ def _want(x, sw):
     return np.asarray(x, np.float64) @ np.asarray(sw.densify(), np.float64)
 
 
-# (strategy, tokens, chunk loop): each strategy runs both its unrolled and its scanned loop.
-PATH_TOKENS = [
-    ("select", 1, "unrolled"),
-    ("select", 2, "scanned"),
-    ("gather", 1, "scanned"),
-    ("gather", 2, "unrolled"),
-    ("gather", 7, "scanned"),
-    ("gather", 64, "unrolled"),
-    ("dense", 7, None),
-]
-
-
-@pytest.mark.parametrize("path, t, loop", PATH_TOKENS)
-@pytest.mark.parametrize("k, o, pattern, shuffle_nm", STRATEGY_CASES)
-def test_every_strategy_matches_float64(small_chunks, monkeypatch, path, t, loop, k, o, pattern, shuffle_nm):
-    """Each strategy, with π permuted and σ shuffled, equals the float64 product."""
-    monkeypatch.setattr(_xla, "_MAX_UNROLLED", 0 if loop == "scanned" else 1000)
+@pytest.mark.parametrize("t", [1, 2, 7, 64])
+@pytest.mark.parametrize("k, o, pattern, shuffle_nm", REFERENCE_CASES)
+def test_reference_matches_float64_with_permutations(t, k, o, pattern, shuffle_nm):
+    """With π permuted and σ shuffled, the reference equals the float64 product."""
     sw = _sparse_cached(k, o, pattern, jnp.float32, 0, shuffle_nm)
     x = jax.random.normal(jax.random.key(t), (t, k))
-    fn = {"select": _xla.select_path, "gather": _xla.gather_path, "dense": _xla.dense_path}[path]
-    y = jax.jit(fn)(x, sw)[:, _structure_inverse(sw)]
+    y = jax.jit(reference_matmul)(x, sw)
     np.testing.assert_allclose(np.asarray(y), _want(x, sw), rtol=1e-5, atol=1e-5)
 
 
-def _structure_inverse(sw):
-    return hinm_jax._structure.inverse_permutation(sw.row_perm)
-
-
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("k, o, pattern, shuffle_nm", [STRATEGY_CASES[0], STRATEGY_CASES[2]])
+@pytest.mark.parametrize("k, o, pattern, shuffle_nm", [REFERENCE_CASES[0], REFERENCE_CASES[2]])
 @pytest.mark.parametrize("t", [1, 5])
-def test_reference_dtypes_accumulate_in_fp32(small_chunks, dtype, k, o, pattern, shuffle_nm, t):
+def test_reference_dtypes_accumulate_in_fp32(dtype, k, o, pattern, shuffle_nm, t):
     """Half-precision inputs: the product of the (exactly representable) inputs, summed
     in fp32, rounded once to the output dtype."""
     sw = _sparse_cached(k, o, pattern, dtype, 3, shuffle_nm)
     x = jax.random.normal(jax.random.key(1), (t, k), dtype)
     y = reference_matmul(x, sw)
     assert y.dtype == dtype and y.shape == (t, o)
-    assert _xla.strategy(t, sw) == ("select" if t == 1 else "gather")
     want = _want(x, sw)
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
     np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=tol, atol=tol * np.abs(want).max())
 
 
-def test_mixed_dtypes_promote(small_chunks):
+def test_mixed_dtypes_promote():
     sw = _sparse(256, 256, HiNM(64, 0.5, 2, 4), jnp.bfloat16)
     x = jax.random.normal(jax.random.key(0), (3, 256), jnp.float32)
     y = reference_matmul(x, sw)
@@ -251,9 +214,8 @@ def test_mixed_dtypes_promote(small_chunks):
 
 
 @pytest.mark.parametrize("t", [1, 6])
-def test_reference_gradient_and_jit_on_chunked_strategies(small_chunks, t):
+def test_reference_gradient_and_jit(t):
     sw = _sparse_cached(256, 256, HiNM(64, 0.5, 2, 4), jnp.float32, 0, False)
-    assert _xla.strategy(t, sw) == ("select" if t == 1 else "gather")
     x = jax.random.normal(jax.random.key(0), (t, 256))
     c = jax.random.normal(jax.random.key(1), (t, 256))
     g = jax.jit(jax.grad(lambda x: jnp.sum(c * reference_matmul(x, sw))))(x)
@@ -261,29 +223,3 @@ def test_reference_gradient_and_jit_on_chunked_strategies(small_chunks, t):
     np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-5)
     y = jax.jit(lambda x, w: hinm_jax.sparse_matmul(x, w, implementation="xla"))(x, sw)
     np.testing.assert_allclose(np.asarray(y), _want(x, sw), rtol=1e-5, atol=1e-5)
-
-
-def test_strategy_heuristic():
-    big = _sparse(512, 256, HiNM(64, 0.5, 2, 4), jnp.float32)
-    tiny = _sparse(64, 64, HiNM(32, 0.5, 2, 4), jnp.float32)
-    assert _xla.strategy(1, big) == "select"
-    assert [_xla.strategy(t, big) for t in (2, 16, 256)] == ["gather"] * 3
-    assert {_xla.strategy(t, tiny) for t in (1, 16)} == {"dense"}
-    assert set(_xla.STRATEGIES) == {"select", "gather", "dense"}
-
-
-def test_chunks_are_equal_and_lie_in_whole_blocks_or_one_block():
-    for o, v, rows_max in [(256, 64, 100), (256, 64, 64), (256, 256, 100), (96, 32, 1000), (7, 7, 3), (688, 688, 100)]:
-        nb = o // v
-        rows = _xla._chunk_rows(o, v, nb, rows_max)
-        assert 1 <= rows <= max(rows_max, 1) and o % rows == 0
-        assert rows % v == 0 or v % rows == 0
-        blocks = _xla._chunk_blocks(o, v, rows)
-        for c, bs in enumerate(blocks):  # the blocks chunk c's rows fall in
-            assert list(bs) == sorted({r // v for r in range(c * rows, (c + 1) * rows)})
-
-
-def test_opaque_ignores_its_predicate():
-    x = jnp.arange(6.0).reshape(2, 3)
-    for pred in (True, False):
-        np.testing.assert_array_equal(_xla._opaque(lambda a: a.T * 2, jnp.asarray(pred), x), x.T * 2)

@@ -8,7 +8,6 @@ from hypothesis import given, settings, strategies as st
 import hinm_jax
 from hinm_jax import HSS, NM, HiNM, Unstructured, VectorWise, optim
 from hinm_jax.masks import mask_from_layout, matrix_mask
-from hinm_jax.optim import _block_mask_at, _nm_in_layout, _unstructured_mask_at
 from oracle import oracle_block_mask, oracle_unstructured
 
 
@@ -241,53 +240,6 @@ def test_refresh_of_stacked_and_unstructured_leaves():
 
 
 # ---------------------------------------------------------------------------------------
-# Masks at traced levels (the machinery of gradual sparsity)
-# ---------------------------------------------------------------------------------------
-
-
-# A few fixed shapes (one compilation each); scores, permutations and levels vary.
-# (V, O, K, n, m, target K_v); K not always a multiple of m.
-SHAPES = [(4, 8, 20, 2, 4, 8), (2, 6, 17, 1, 2, 8), (1, 3, 24, 2, 8, 8), (4, 8, 13, 3, 4, 4)]
-_block_at = jax.jit(_block_mask_at, static_argnums=(2, 3, 4, 5))
-_in_layout = jax.jit(_nm_in_layout, static_argnums=(4,))
-
-
-@st.composite
-def traced_cases(draw):
-    v, o, k, n, m, kv = draw(st.sampled_from(SHAPES))
-    kv_t = draw(st.sampled_from(sorted({kv, kv + m, k // m * m, k})))
-    n_t = draw(st.integers(n, m))
-    seed = draw(st.integers(0, 2**31 - 1))
-    hi = draw(st.sampled_from([3, 1000]))  # 3: many ties
-    score = np.random.default_rng(seed).integers(0, hi, size=(k, o)).astype(np.float32)
-    perm = np.random.default_rng(seed + 1).permutation(o).astype(np.int32)
-    return score, perm, v, kv, n, m, kv_t, n_t
-
-
-@settings(max_examples=60, deadline=None)
-@given(traced_cases())
-def test_masks_at_traced_levels_match_the_spec_oracle(case):
-    score, perm, v, kv, n, m, kv_t, n_t = case
-    mask, vi = _block_at(jnp.asarray(score), jnp.asarray(perm), v, kv, n, m, jnp.int32(kv_t), jnp.int32(n_t))
-    want, _ = oracle_block_mask(score, v, kv_t, n_t, m, row_perm=perm)
-    np.testing.assert_array_equal(np.asarray(mask), want)
-    _, want_vi = oracle_block_mask(score, v, kv, n, m, row_perm=perm)
-    np.testing.assert_array_equal(np.asarray(vi), want_vi)  # the target layout
-    # in a fixed layout, a traced n agrees with the static N:M step
-    got = _in_layout(jnp.asarray(score), jnp.asarray(perm), vi, jnp.int32(n_t), m)
-    want, _ = oracle_block_mask(score, v, kv, n_t, m, row_perm=perm, vector_index=np.asarray(vi))
-    np.testing.assert_array_equal(np.asarray(got), want)
-
-
-@settings(max_examples=30, deadline=None)
-@given(st.integers(1, 60), st.integers(0, 2**31 - 1), st.sampled_from([3, 1000]))
-def test_unstructured_at_a_traced_count_matches_the_oracle(count, seed, hi):
-    score = np.random.default_rng(seed).integers(0, hi, size=(6, 10)).astype(np.float32)
-    got = jax.jit(_unstructured_mask_at)(jnp.asarray(score), jnp.int32(count))
-    np.testing.assert_array_equal(np.asarray(got), oracle_unstructured(score, count))
-
-
-# ---------------------------------------------------------------------------------------
 # Gradual sparsity
 # ---------------------------------------------------------------------------------------
 
@@ -420,3 +372,33 @@ def test_repermute_puts_searched_masks_into_the_state():
     # the searched layout is reused by the jitted refresh
     again = optim.refresh(params, optim.get_masks(state))["w"]
     np.testing.assert_array_equal(again.mask, new.mask)
+
+
+def test_score_pytree_works_at_init_and_at_every_refresh():
+    """``score=`` means the same everywhere: a pytree (e.g. scores.taylor) as for prune."""
+    params = _params()
+    score = jax.tree.map(lambda w: jnp.abs(w) + jnp.arange(w.size, dtype=jnp.float32).reshape(w.shape) % 3, params)
+    want = hinm_jax.prune(params, PATTERN, score=score)
+    tx = optim.sparsify(optax.sgd(0.0), PATTERN, score=score, refresh_every=1)
+    state = tx.init(params)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    _, state = jax.jit(tx.update)(zero, state, params)
+    for name in ("hidden", "out"):
+        got = optim.get_masks(state)[name]["kernel"].mask
+        np.testing.assert_array_equal(got, want[name]["kernel"].mask)
+    new = optim.refresh(params, want, score=score)
+    np.testing.assert_array_equal(new["hidden"]["kernel"].mask, want["hidden"]["kernel"].mask)
+
+
+def test_sr_ste_must_be_a_finite_number():
+    with pytest.raises(ValueError, match="sr_ste=nan"):
+        optim.sparsify(optax.sgd(0.1), PATTERN, sr_ste=float("nan"))
+    with pytest.raises(TypeError, match="sr_ste='yes'"):
+        optim.sparsify(optax.sgd(0.1), PATTERN, sr_ste="yes")
+
+
+def test_repermute_needs_a_key():
+    params = _params()
+    tx = optim.sparsify(optax.sgd(0.1), PATTERN)
+    with pytest.raises(ValueError, match="needs key="):
+        optim.repermute(params, tx.init(params), permute="2cp")

@@ -32,7 +32,6 @@ def test_patterns_are_frozen():
     [
         (lambda: NM(0, 4), "1 <= n < m"),
         (lambda: NM(4, 4), "1 <= n < m"),
-        (lambda: NM(2, 1.5), "must be an int"),
         (lambda: HiNM(0, 0.5, 2, 4), "vector_size"),
         (lambda: HiNM(64, 1.0, 2, 4), "vector_sparsity"),
         (lambda: HiNM(64, -0.1, 2, 4), "vector_sparsity"),
@@ -48,6 +47,33 @@ def test_patterns_are_frozen():
 def test_bad_patterns_raise_a_clear_error(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: NM(2, 1.5), "must be an int"),
+        (lambda: NM(True, 4), "n=True: must be an int"),
+        (lambda: HiNM("64", 0.5, 2, 4), "vector_size='64'"),
+        (lambda: HiNM(64, "0.5", 2, 4), "vector_sparsity='0.5'"),
+        (lambda: VectorWise(32.0, 0.5), "vector_size=32.0"),
+        (lambda: Unstructured(None), "sparsity=None"),
+        (lambda: HSS(((2.5, 4),)), "int pairs"),
+        (lambda: HSS(((True, 4),)), "int pairs"),
+        (lambda: HSS((("2", "4"),)), "int pairs"),
+        (lambda: parse_pattern(64), "pattern=64"),
+    ],
+)
+def test_wrong_types_raise_type_error(make, message):
+    with pytest.raises(TypeError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("s", [1 / 3, 2 / 3, 1 / 7, 0.123456789, 0.9999999, 0.5, 0.0, 1e-9])
+def test_spec_round_trips_exactly(s):
+    for p in (HiNM(64, s, 2, 4), VectorWise(16, s), Unstructured(s)):
+        assert parse_pattern(p.spec) == p, p.spec
+    assert HiNM(64, 0.5, 2, 4).spec == "hinm:64:0.5:2:4"
 
 
 def test_density_and_fit():
