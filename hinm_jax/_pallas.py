@@ -10,8 +10,8 @@ It runs exactly what the Triton lowering can compile, in interpret mode too: one
 (no stack axes), float32/float16/bfloat16, a vector size that is a multiple of 16, a
 stripe length ``m`` that is a power of two (NM(2, 4), NM(2, 8), HiNM(., ., n, 4),
 VectorWise, ...), and operands whose element offsets fit in int32. Anything else raises
-``NotImplementedError`` (so the default dispatch falls through to the reference) and
-:func:`pack` returns ``None`` for it.
+``NotImplementedError`` (so the default dispatch falls through to the reference), and
+:func:`pack` returns ``None`` for a weight the kernel cannot run.
 
 Example:
     >>> import jax, jax.numpy as jnp, hinm_jax
