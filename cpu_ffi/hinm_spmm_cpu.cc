@@ -68,8 +68,10 @@ constexpr int kGroup = 16;  // packed rows interleaved in the layout (fixed: the
 constexpr int kSub = kGroup / L;
 constexpr int kTile = 2 * L;  // tokens per tile in mode 1
 constexpr int kRows = 4;      // packed rows per register tile in mode 1
+constexpr int kChains = 8;    // independent accumulators in mode 0 (the FMA latency bounds a single chain)
 constexpr int kAhead = 16;    // panel rows prefetched ahead in mode 1
 constexpr int64_t kChunkBytes = 8 << 10;  // panel bytes per chunk of stripes in mode 1
+constexpr int64_t kL2Bytes = 512 << 10;   // about half an L2: what a unit's working set may take
 
 typedef float vf __attribute__((vector_size(4 * L)));
 typedef int32_t vi __attribute__((vector_size(4 * L)));
@@ -128,9 +130,26 @@ inline vf loadf(const float* p) {
 inline void storef(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline vi load_pos(const uint8_t* p) {
+#if HINM_LANES == 16
+  return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#elif HINM_LANES == 8
+  return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+#else
   vu8 b;
   std::memcpy(&b, p, sizeof(b));
   return __builtin_convertvector(b, vi);
+#endif
+}
+
+// Lane i of the result is w[idx[i]] (idx < L).
+inline vf permute(vf w, vi idx) {
+#if HINM_LANES == 16
+  return (vf)_mm512_permutexvar_ps((__m512i)idx, (__m512)w);
+#elif HINM_LANES == 8
+  return (vf)_mm256_permutevar8x32_ps((__m256)w, (__m256i)idx);
+#else
+  return __builtin_shuffle(w, idx);
+#endif
 }
 
 inline vf splat(float s) {
@@ -205,11 +224,15 @@ template <class W, class Y, int NT>
 void group_rows_in_lanes(const Problem& p, int64_t b, int64_t g, int64_t t0, const float* win, int64_t stride) {
   const auto* vals = static_cast<const typename W::T*>(p.vals) + (b * p.groups + g) * p.nnz * kGroup;
   const uint8_t* pos = p.pos + (b * p.groups + g) * p.nnz * kGroup;
-  vf acc[NT][kSub];
-  for (int tt = 0; tt < NT; ++tt)
-    for (int s = 0; s < kSub; ++s) acc[tt][s] = vf{};
+  // A independent partial sums per output vector (stripes j = a mod A), so that about kChains
+  // FMA chains are in flight: the FMA latency, not the port, bounds a single chain.
+  constexpr int A = std::max(1, kChains / (NT * kSub));
+  vf acc[A][NT][kSub];
+  for (int a = 0; a < A; ++a)
+    for (int tt = 0; tt < NT; ++tt)
+      for (int s = 0; s < kSub; ++s) acc[a][tt][s] = vf{};
   const int64_t stripes = p.kv / p.m;
-  for (int64_t j = 0; j < stripes; ++j) {
+  auto stripe = [&](int64_t j, vf (&part)[NT][kSub]) {
     vf w[NT];
     for (int tt = 0; tt < NT; ++tt) w[tt] = loadf(win + tt * stride + j * p.m);  // stripe j in lanes 0..m-1
     for (int64_t q = 0; q < p.n; ++q) {
@@ -217,13 +240,20 @@ void group_rows_in_lanes(const Problem& p, int64_t b, int64_t g, int64_t t0, con
       for (int s = 0; s < kSub; ++s) {
         const vf v = W::load(vals + i * kGroup + s * L);
         const vi ps = load_pos(pos + i * kGroup + s * L);
-        for (int tt = 0; tt < NT; ++tt) acc[tt][s] += v * __builtin_shuffle(w[tt], ps);
+        for (int tt = 0; tt < NT; ++tt) part[tt][s] += v * permute(w[tt], ps);
       }
     }
-  }
+  };
+  int64_t j = 0;
+  for (; j + A <= stripes; j += A)
+    for (int a = 0; a < A; ++a) stripe(j + a, acc[a]);
+  for (; j < stripes; ++j) stripe(j, acc[0]);
+  for (int a = 1; a < A; ++a)
+    for (int tt = 0; tt < NT; ++tt)
+      for (int s = 0; s < kSub; ++s) acc[0][tt][s] += acc[a][tt][s];
   alignas(64) float out[NT][kGroup];
   for (int tt = 0; tt < NT; ++tt)
-    for (int s = 0; s < kSub; ++s) storef(&out[tt][s * L], acc[tt][s]);
+    for (int s = 0; s < kSub; ++s) storef(&out[tt][s * L], acc[0][tt][s]);
   const int64_t rows = std::min<int64_t>(kGroup, p.v - g * kGroup);
   for (int64_t r = 0; r < rows; ++r) put_row<Y>(p, b * p.v + g * kGroup + r, t0, NT, &out[0][r], kGroup);
 }
@@ -456,9 +486,12 @@ void run(const Problem& p, int64_t mode, Pool& pool) {
   });
   const int64_t gpu = groups_per_unit(p, threads, tiles, 4);
   const int64_t per_block = (p.groups + gpu - 1) / gpu;
-  // Tiles innermost: consecutive units of a thread share the block's values and positions.
-  parallel_for(pool, threads, p.nb * per_block * tiles, [&](int64_t u) {
-    const int64_t tile = u % tiles, piece = u / tiles;
+  // Tiles innermost when the compressed weight is larger than L2 (consecutive units share a
+  // block's values and positions), outermost when it fits (units share an x tile).
+  const int64_t pieces = p.nb * per_block;
+  const bool weight_fits = double(p.o) * double(p.nnz) * (double(sizeof(typename W::T)) + 1.0) < double(kL2Bytes);
+  parallel_for(pool, threads, pieces * tiles, [&](int64_t u) {
+    const int64_t tile = weight_fits ? u / pieces : u % tiles, piece = weight_fits ? u % pieces : u / tiles;
     const int64_t b = piece / per_block, g0 = (piece % per_block) * gpu;
     unit_mode1<W, Y>(p, b, g0, std::min(p.groups, g0 + gpu), tile);
   });
