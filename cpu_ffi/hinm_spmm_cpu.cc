@@ -40,6 +40,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -71,7 +72,7 @@ constexpr int kRows = 4;      // packed rows per register tile in mode 1
 constexpr int kChains = 8;    // independent accumulators in mode 0 (the FMA latency bounds a single chain)
 constexpr int kAhead = 16;    // panel rows prefetched ahead in mode 1
 constexpr int64_t kChunkBytes = 8 << 10;  // panel bytes per chunk of stripes in mode 1
-constexpr int64_t kL2Bytes = 512 << 10;   // about half an L2: what a unit's working set may take
+constexpr int64_t kL2Bytes = 4 << 20;     // compressed weights re-read per token tile when below (L3-resident)
 
 typedef float vf __attribute__((vector_size(4 * L)));
 typedef int32_t vi __attribute__((vector_size(4 * L)));
@@ -195,6 +196,34 @@ inline void put_row(const Problem& p, int64_t row, int64_t t0, int64_t cnt, cons
   const float b = p.bias ? p.bias[c] : 0.0f;
   auto* y = static_cast<typename Y::T*>(p.y);
   for (int64_t i = 0; i < cnt; ++i) Y::put(y, (t0 + i) * p.o + c, acc[i * stride] + b);
+}
+
+// Writes a unit's outputs token by token (each output row once per unit): y[t0 + tt, perm[r]] =
+// at(r, tt) + bias for r < rows, tt < cnt. Rows whose channels are consecutive (no output
+// permutation) are stored as vectors.
+template <class Y, class At>
+inline void put_tokens(const Problem& p, const int32_t* perm, int64_t rows, int64_t t0, int64_t cnt, const At& at) {
+  auto* y = static_cast<typename Y::T*>(p.y) + t0 * p.o;
+  bool consecutive = true;
+  for (int64_t r = 1; r < rows && consecutive; ++r) consecutive = perm[r] == perm[0] + r;
+  for (int64_t tt = 0; tt < cnt; ++tt, y += p.o) {
+    int64_t r = 0;
+    if constexpr (std::is_same_v<Y, F32>) {
+      if (consecutive) {
+        alignas(64) float buf[L];
+        for (; r + L <= rows; r += L) {
+          for (int l = 0; l < L; ++l) buf[l] = at(r + l, tt);
+          vf v = loadf(buf);
+          if (p.bias) v += loadf(p.bias + perm[r]);
+          storef(y + perm[r], v);
+        }
+      }
+    }
+    for (; r < rows; ++r) {
+      const int64_t c = perm[r];
+      Y::put(y, c, at(r, tt) + (p.bias ? p.bias[c] : 0.0f));
+    }
+  }
 }
 
 // ---- mode 0: rows in lanes -------------------------------------------------------------------------
@@ -407,17 +436,9 @@ void unit_mode1(const Problem& p, int64_t b, int64_t g0, int64_t g1, int64_t til
                                      acc + qd * kRows * kTile, j0 == 0);
     }
   }
-  // Token by token, so that each output row is written once per unit.
   const int64_t t0 = tile * kTile;
-  const int64_t cnt = std::min<int64_t>(kTile, p.t - t0);
-  const int32_t* perm = p.perm + b * p.v + g0 * kGroup;
-  auto* y = static_cast<typename Y::T*>(p.y) + t0 * p.o;
-  for (int64_t tt = 0; tt < cnt; ++tt, y += p.o) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t c = perm[r];
-      Y::put(y, c, acc[r * kTile + tt] + (p.bias ? p.bias[c] : 0.0f));
-    }
-  }
+  put_tokens<Y>(p, p.perm + b * p.v + g0 * kGroup, rows, t0, std::min<int64_t>(kTile, p.t - t0),
+                [&](int64_t r, int64_t tt) { return acc[r * kTile + tt]; });
 }
 
 // ---- work splitting --------------------------------------------------------------------------------
