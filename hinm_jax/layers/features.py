@@ -33,7 +33,7 @@ def fold_features(params, model, *args, **kwargs):
       ``params`` with those kernels folded (other leaves unchanged).
 
     Example:
-        >>> import flax.linen as nn
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
         >>> model = nn.DenseGeneral((4, 16))
         >>> params = model.init(jax.random.key(0), jnp.ones((1, 32)))["params"]
         >>> fold_features(params, model, jnp.ones((1, 32)))["kernel"].shape
@@ -59,13 +59,13 @@ def unfold_features(tree, params):
     compressed (sparse inference reads them folded).
 
     Example:
-        >>> import flax.linen as nn, hinm_jax
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, hinm_jax
         >>> model, x = nn.DenseGeneral((4, 16)), jnp.ones((1, 32))
         >>> params = model.init(jax.random.key(0), x)["params"]
         >>> folded = fold_features(params, model, x)
         >>> masks = hinm_jax.prune(folded, "2:4", where=r"kernel$")
         >>> sparse = unfold_features(hinm_jax.compress(folded, masks), params)
-        >>> with sparse_inference():
+        >>> with hinm_jax.sparse_inference():
         ...     y = model.apply({"params": sparse}, x)
         >>> masked = unfold_features(hinm_jax.apply_masks(folded, masks), params)
         >>> bool(jnp.allclose(y, model.apply({"params": masked}, x), rtol=1e-5, atol=1e-6))

@@ -65,6 +65,7 @@ def state_sharding(state, params_sharding):
     Example:
         >>> import jax, jax.numpy as jnp, optax
         >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> from hinm_jax.optim import get_masks, sparsify
         >>> mesh = jax.make_mesh((1,), ("model",))
         >>> params = {"w": jnp.ones((8, 4))}
         >>> shard = {"w": NamedSharding(mesh, P(None, "model"))}

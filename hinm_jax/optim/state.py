@@ -40,6 +40,7 @@ def get_masks(state):
 
     Example:
         >>> import jax.numpy as jnp, optax
+        >>> from hinm_jax.optim import sparsify
         >>> tx = optax.chain(optax.clip(1.0), sparsify(optax.sgd(0.1), "2:4"))
         >>> state = tx.init({"w": jnp.ones((8, 4))})
         >>> get_masks(state)["w"].mask.shape

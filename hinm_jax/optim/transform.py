@@ -65,6 +65,7 @@ def sparsify(
 
     Example:
         >>> import jax, optax, hinm_jax
+        >>> from hinm_jax.optim import get_masks
         >>> params = {"w": jax.random.normal(jax.random.key(0), (64, 32))}
         >>> tx = sparsify(optax.adam(1e-3), "hinm:16:0.5:2:4", sr_ste=True, refresh_every=100)
         >>> state = tx.init(params)
