@@ -13,6 +13,21 @@ is kept when it is plain data (bools, numbers, strings, tuples of them); other m
 (e.g. a ``jax.sharding.Mesh``) is dropped and listed in the structure as
 ``dropped_metadata``.
 
+Integrity: every array's sha256 is recorded in the structure, and ``hinm_jax.json``
+(written last) records the size and sha256 of every file of the checkpoint, the
+structure file included. :func:`restore` checks all of them, the dtype and shape of every
+array, and validates each restored :class:`~hinm_jax.SparseWeight`
+(:meth:`~hinm_jax.SparseWeight.validate`) and :class:`~hinm_jax.Mask` (shapes, layout
+ranges, ``row_perm`` a permutation) before returning; a damaged or edited checkpoint
+raises a ``ValueError`` naming the directory and the file or array path. Round trips are
+bit for bit.
+
+A save never destroys what it did not write: :func:`save` writes into a temporary
+sibling directory (``.NAME.saving-*``), verifies it by restoring it, then renames it into
+place; with ``overwrite=True`` it replaces only a directory that holds a hinm_jax
+checkpoint and nothing else, and only once the new one is complete. On any failure the
+previous checkpoint is untouched and the temporary directory is removed.
+
 Example:
     >>> import jax, hinm_jax, tempfile, os
     >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (128, 64))}}
@@ -26,7 +41,9 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import os
 import shutil
 import tempfile
@@ -36,14 +53,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hinm_jax.core import Layout
+from hinm_jax.core import Layout, matrix_shape
 from hinm_jax.format import SparseWeight
 from hinm_jax.masks import Mask
 from hinm_jax.patterns import Pattern, parse_pattern
 
 __all__ = ["save", "restore", "disk_bytes", "SizeReport", "size_report"]
 
-_FORMAT = "hinm_jax.checkpoint/2"  # /2: patterns stored as their spec string
+_FORMAT = "hinm_jax.checkpoint/3"  # /2: patterns stored as their spec string; /3: checksums
+_LEGACY_FORMATS = ("hinm_jax.checkpoint/2",)  # no checksums: replaced by save, not restored
+_MANIFEST = "hinm_jax.json"  # sizes and sha256 of every file, written last
+_STRUCTURE = os.path.join("structure", "metadata")  # where orbax's JsonSave puts the structure
+_ORBAX_ENTRIES = {"_CHECKPOINT_METADATA", "commit_success.txt", "structure", "arrays"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -73,15 +94,18 @@ def _is_state(x) -> bool:
     return isinstance(x, nnx.State)
 
 
-def _variable_class(qualname: str):
+def _variable_class(qualname: str, path: str):
     from flax import nnx
 
     module, _, name = qualname.rpartition(".")
     if not (module.startswith("flax.") or module.startswith("hinm_jax.")):
-        raise ValueError(f"variable class {qualname}: only flax and hinm_jax variable classes are restored")
-    cls = getattr(importlib.import_module(module), name, None)
+        raise ValueError(f"{path}: variable class {qualname}: only flax and hinm_jax variable classes are restored")
+    try:
+        cls = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        cls = None
     if not (isinstance(cls, type) and issubclass(cls, nnx.Variable)):
-        raise ValueError(f"variable class {qualname}: not an nnx.Variable")
+        raise ValueError(f"{path}: variable class {qualname}: not an nnx.Variable")
     return cls
 
 
@@ -116,11 +140,18 @@ class _Encoder:
         if not hasattr(x, "dtype"):
             x = np.asarray(x)
         kind = "numpy" if isinstance(x, (np.ndarray, np.generic)) else "jax"
+        dtype = np.dtype(x.dtype)
+        if dtype.kind not in "biufcV" or dtype.names is not None or dtype.name.startswith("void"):
+            # V: ml_dtypes' bfloat16, float8, int4 (not structured or raw void)
+            raise TypeError(f"{path or '<root>'}: dtype={dtype}: only numeric and bool arrays can be saved")
         if x.size == 0:  # orbax refuses empty arrays; the shape says it all
-            return {"type": "empty", "shape": list(x.shape), "dtype": np.dtype(x.dtype).name, "kind": kind}
+            return {"type": "empty", "shape": list(x.shape), "dtype": dtype.name, "kind": kind}
         key = f"a{len(self.arrays)}"
         self.arrays[key] = np.asarray(x) if kind == "numpy" else x
-        return {"type": "array", "key": key, "kind": kind, "path": path}
+        return {
+            "type": "array", "key": key, "kind": kind, "path": path,
+            "dtype": dtype.name, "shape": list(x.shape), "sha256": _array_sha256(x),
+        }
 
     def node(self, x, path: str) -> dict:
         name = path or "<root>"
@@ -181,53 +212,156 @@ class _Encoder:
         raise ValueError(f"{name}: cannot save a {type(x).__name__}")
 
 
-def _decode(spec: dict, arrays: Mapping[str, Any]):
-    t = spec["type"]
-    if t == "none":
-        return None
-    if t == "scalar":
-        return spec["value"]
-    if t == "empty":
-        a = np.zeros(spec["shape"], jnp.dtype(spec["dtype"]))
-        return a if spec["kind"] == "numpy" else jnp.asarray(a)
-    if t == "array":
-        a = arrays[spec["key"]]
-        return np.asarray(a) if spec["kind"] == "numpy" else jnp.asarray(a)
-    if t == "sparse":
-        return SparseWeight(
-            **{f: _decode(spec[f], arrays) for f in ("values", "metadata", "vector_index", "row_perm")},
-            packed=_decode(spec["packed"], arrays),
-            shape=tuple(spec["shape"]),
-            pattern=parse_pattern(spec["pattern"]),
-            stack_axes=spec["stack_axes"],
-            packed_for=spec["packed_for"],
-        )
-    if t == "mask":
-        layout = None
-        if spec["layout"] is not None:
-            layout = Layout(_decode(spec["layout"]["row_perm"], arrays), _decode(spec["layout"]["vector_index"], arrays))
-        return Mask(_decode(spec["mask"], arrays), layout, parse_pattern(spec["pattern"]), spec["stack_axes"])
-    if t == "variable":
-        var = _variable_class(spec["class"])(_decode(spec["value"], arrays))
-        if spec["metadata"]:
-            var.set_metadata(**{k: _meta_from_json(v) for k, v in spec["metadata"].items()})
-        return var
-    if t in ("dict", "state"):
-        keys = [int(v) if kind == "int" else v for kind, v in spec["keys"]]
-        d = {k: _decode(item, arrays) for k, item in zip(keys, spec["items"])}
-        if t == "state":
-            from flax import nnx
+def _array_sha256(x) -> str:
+    """sha256 of an array's bytes in C order (dtype and shape are recorded beside it)."""
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
 
-            return nnx.State(d)
-        return d
-    if t in ("list", "tuple"):
-        items = [_decode(item, arrays) for item in spec["items"]]
-        return items if t == "list" else tuple(items)
-    raise ValueError(f"checkpoint structure: unknown node type {t!r}")
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------
-# Public API
+# Validation of restored leaves
+# ---------------------------------------------------------------------------------------
+
+
+def _check_mask(m: Mask, path: str) -> Mask:
+    """Raises a ``ValueError`` naming ``path`` unless ``m`` is a consistent mask: bool,
+    fitting its pattern, and (block patterns) a layout of the right shapes whose
+    ``row_perm`` is a permutation and whose ``vector_index`` holds distinct inputs in
+    range per block."""
+    shape = tuple(m.mask.shape)
+    where = f"{path}: shape={shape} pattern {m.pattern}"
+    if m.mask.dtype != bool:
+        raise ValueError(f"{where}: mask has dtype {m.mask.dtype}, expected bool")
+    if not isinstance(m.stack_axes, int) or isinstance(m.stack_axes, bool) or not 0 <= m.stack_axes <= len(shape) - 2:
+        raise ValueError(f"{where}: stack_axes={m.stack_axes!r}: expected an int leaving at least 2 axes")
+    stack, k, o = matrix_shape(shape, m.stack_axes)
+    err = m.pattern.fit_error(k, o)
+    if err is not None:
+        raise ValueError(f"{where}: does not fit: {err}")
+    struct = m.pattern.structure(k, o)
+    if struct is None:
+        if m.layout is not None:
+            raise ValueError(f"{where}: has a layout, but this pattern has no block structure")
+        return m
+    if m.layout is None:
+        raise ValueError(f"{where}: has no layout, but this pattern has a block structure")
+    v, kv, _, _ = struct
+    rp, vi = np.asarray(m.layout.row_perm), np.asarray(m.layout.vector_index)
+    for name, a, want in (("row_perm", rp, stack + (o,)), ("vector_index", vi, stack + (o // v, kv))):
+        if a.shape != want:
+            raise ValueError(f"{where}: layout {name} has shape {a.shape}, expected {want}")
+        if a.dtype.kind not in "iu":
+            raise ValueError(f"{where}: layout {name} has dtype {a.dtype}, expected int32")
+    if np.any(np.sort(rp.reshape(-1, o), axis=-1) != np.arange(o)):
+        raise ValueError(f"{where}: layout row_perm is not a permutation of 0..{o - 1}")
+    vi = vi.reshape(-1, kv)
+    if vi.size and (vi.min() < 0 or vi.max() >= k):
+        raise ValueError(f"{where}: layout vector_index has entries outside 0..{k - 1}")
+    if kv > 1 and np.any(np.diff(np.sort(vi, axis=-1), axis=-1) == 0):
+        raise ValueError(f"{where}: layout vector_index repeats an input inside a block")
+    return m
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding (every error names the tree path)
+# ---------------------------------------------------------------------------------------
+
+
+def _pattern(spec: dict, path: str) -> Pattern:
+    try:
+        return parse_pattern(spec["pattern"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: unknown pattern in the structure: {e}") from None
+
+
+def _check_x64(spec: dict, dtype: np.dtype, path: str) -> None:
+    """A jax array jax cannot hold now (float64 saved with x64 on) raises, never casts."""
+    if spec["kind"] == "jax" and jax.dtypes.canonicalize_dtype(dtype) != dtype:
+        raise TypeError(
+            f"{path}: dtype={dtype}: saved as a jax array, which jax holds only with "
+            "jax_enable_x64; call jax.config.update('jax_enable_x64', True) before restoring"
+        )
+
+
+def _decode_array(spec: dict, arrays: Mapping[str, Any], path: str):
+    key, dtype, shape = spec["key"], jnp.dtype(spec["dtype"]), tuple(spec["shape"])
+    if key not in arrays:
+        raise ValueError(f"{path}: array {key} is missing from arrays/")
+    a = arrays[key]
+    _check_x64(spec, dtype, path)
+    if np.dtype(a.dtype) != dtype or tuple(a.shape) != shape:
+        raise ValueError(f"{path}: read back as {np.dtype(a.dtype)}{list(a.shape)}, saved as {dtype}{list(shape)}")
+    if _array_sha256(a) != spec["sha256"]:
+        raise ValueError(f"{path}: sha256 mismatch: the array's values are not those saved (damaged array data)")
+    return np.asarray(a) if spec["kind"] == "numpy" else jnp.asarray(a)
+
+
+def _decode(spec: dict, arrays: Mapping[str, Any], path: str = ""):
+    name = path or "<root>"
+    try:
+        t = spec["type"]
+        if t == "none":
+            return None
+        if t == "scalar":
+            return spec["value"]
+        if t == "empty":
+            a = np.zeros(spec["shape"], jnp.dtype(spec["dtype"]))
+            _check_x64(spec, a.dtype, name)
+            return a if spec["kind"] == "numpy" else jnp.asarray(a)
+        if t == "array":
+            return _decode_array(spec, arrays, name)
+        if t == "sparse":
+            w = SparseWeight(
+                **{f: _decode(spec[f], arrays, f"{path}/{f}") for f in ("values", "metadata", "vector_index", "row_perm")},
+                packed=_decode(spec["packed"], arrays, f"{path}/packed"),
+                shape=tuple(spec["shape"]),
+                pattern=_pattern(spec, name),
+                stack_axes=spec["stack_axes"],
+                packed_for=spec["packed_for"],
+            )
+            return w.validate(name)
+        if t == "mask":
+            layout = None
+            if spec["layout"] is not None:
+                lay = spec["layout"]
+                layout = Layout(
+                    _decode(lay["row_perm"], arrays, f"{path}/row_perm"),
+                    _decode(lay["vector_index"], arrays, f"{path}/vector_index"),
+                )
+            mask = Mask(_decode(spec["mask"], arrays, f"{path}/mask"), layout, _pattern(spec, name), spec["stack_axes"])
+            return _check_mask(mask, name)
+        if t == "variable":
+            var = _variable_class(spec["class"], name)(_decode(spec["value"], arrays, path))
+            if spec["metadata"]:
+                var.set_metadata(**{k: _meta_from_json(v) for k, v in spec["metadata"].items()})
+            return var
+        if t in ("dict", "state"):
+            keys = [int(v) if kind == "int" else v for kind, v in spec["keys"]]
+            if len(keys) != len(spec["items"]):
+                raise ValueError(f"{name}: {len(keys)} keys but {len(spec['items'])} items in the structure")
+            d = {k: _decode(item, arrays, f"{path}/{k}" if path else str(k)) for k, item in zip(keys, spec["items"])}
+            if t == "state":
+                from flax import nnx
+
+                return nnx.State(d)
+            return d
+        if t in ("list", "tuple"):
+            items = [_decode(item, arrays, f"{path}/{i}" if path else str(i)) for i, item in enumerate(spec["items"])]
+            return items if t == "list" else tuple(items)
+        raise ValueError(f"{name}: unknown node type {t!r} in the structure")
+    except KeyError as e:
+        raise ValueError(f"{name}: field {e.args[0]!r} is missing from the structure") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Reading and checking a checkpoint directory
 # ---------------------------------------------------------------------------------------
 
 
@@ -237,13 +371,156 @@ def _checkpointer():
     return ocp, ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
+def _files(directory: str) -> list[str]:
+    """Every file under ``directory``, relative, sorted; the manifest left out."""
+    out = []
+    for root, _, files in os.walk(directory):
+        out += [os.path.relpath(os.path.join(root, f), directory) for f in files]
+    return sorted(f for f in out if f != _MANIFEST)
+
+
+def _write_manifest(directory: str) -> None:
+    """Writes ``hinm_jax.json``: ``{relative path: [size, sha256]}`` of every file."""
+    paths = {f: os.path.join(directory, f) for f in _files(directory)}
+    files = {f: [os.path.getsize(p), _file_sha256(p)] for f, p in paths.items()}
+    with open(os.path.join(directory, _MANIFEST), "w") as fh:
+        json.dump({"format": _FORMAT, "files": files}, fh, indent=1)
+
+
+def _legacy_format(directory: str) -> str | None:
+    """The format of a checkpoint written before checksums, else ``None``."""
+    try:
+        with open(os.path.join(directory, _STRUCTURE)) as fh:
+            fmt = json.load(fh).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return fmt if fmt in _LEGACY_FORMATS else None
+
+
+def _manifest(directory: str) -> dict:
+    """The manifest of ``directory``; raises a ``ValueError`` saying what is missing."""
+    if os.path.isfile(directory):
+        raise ValueError(f"{directory}: a file, not a checkpoint directory")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory}: no checkpoint there")
+    if not os.listdir(directory):
+        raise ValueError(f"{directory}: an empty directory, not a checkpoint ({_MANIFEST}, structure/ and arrays/ are missing)")
+    path = os.path.join(directory, _MANIFEST)
+    if not os.path.isfile(path):
+        legacy = _legacy_format(directory)
+        if legacy:
+            raise ValueError(f"{directory}: written in {legacy} without checksums; save it again with this version")
+        raise ValueError(f"{directory}: {_MANIFEST} is missing: not a hinm_jax checkpoint (or a damaged one)")
+    try:
+        with open(path) as fh:
+            manifest = json.load(fh)
+        files, fmt = manifest["files"], manifest["format"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{directory}: {_MANIFEST} is damaged ({type(e).__name__}: {e})") from None
+    if fmt != _FORMAT:
+        raise ValueError(f"{directory}: {_MANIFEST}: format {fmt!r}, expected {_FORMAT!r}")
+    if not (
+        isinstance(files, dict)
+        and _STRUCTURE in files
+        and all(isinstance(v, list) and len(v) == 2 for v in files.values())
+        and all(not os.path.isabs(f) and os.path.normpath(f) == f and not f.startswith("..") for f in files)
+    ):
+        raise ValueError(f"{directory}: {_MANIFEST} is damaged (its file list is malformed)")
+    return files
+
+
+def _check_files(directory: str, files: Mapping[str, list]) -> list[str]:
+    """Checks presence and size of every file; returns the files whose sha256 differs."""
+    missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
+    if missing:
+        # name a whole top-level directory (``arrays/``) when it is gone, else the files
+        gone = sorted({f.split(os.sep)[0] for f in missing if not os.path.exists(os.path.join(directory, f.split(os.sep)[0]))})
+        what = ", ".join(t + ("/" if any(f.startswith(t + os.sep) for f in files) else "") for t in gone) or ", ".join(missing)
+        raise ValueError(f"{directory}: {what} missing ({len(missing)} file(s) of the checkpoint)")
+    for f, (size, _) in files.items():
+        got = os.path.getsize(os.path.join(directory, f))
+        if got != size:
+            raise ValueError(f"{directory}: {f} has {got} bytes, expected {size}: truncated or damaged")
+    return [f for f, (_, digest) in files.items() if _file_sha256(os.path.join(directory, f)) != digest]
+
+
+def _read(directory: str):
+    """Restores and verifies the checkpoint in ``directory`` (see :func:`restore`)."""
+    bad = _check_files(directory, _manifest(directory))
+    if _STRUCTURE in bad:
+        raise ValueError(f"{directory}: {_STRUCTURE} (the structure) has been edited or damaged: sha256 mismatch")
+    if bad:  # orbax packs several arrays into each data file (OCDBT): name the files
+        raise ValueError(f"{directory}: {', '.join(bad)} damaged: sha256 mismatch; not restored")
+    with open(os.path.join(directory, _STRUCTURE)) as fh:
+        structure = json.load(fh)
+    if not isinstance(structure, Mapping) or structure.get("format") != _FORMAT or "tree" not in structure:
+        raise ValueError(f"{directory}: {_STRUCTURE} is not a {_FORMAT} structure")
+    arrays: Mapping[str, Any] = {}
+    if os.path.isdir(os.path.join(directory, "arrays")):
+        ocp, ckptr = _checkpointer()
+        try:
+            arrays = ckptr.restore(directory, args=ocp.args.Composite(arrays=ocp.args.StandardRestore()))["arrays"]
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types
+            raise ValueError(f"{directory}: arrays/ cannot be read: {type(e).__name__}: {e}") from e
+    try:
+        return _decode(structure["tree"], arrays)
+    except TypeError as e:
+        raise TypeError(f"{directory}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{directory}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------
+
+
+def _check_replaceable(directory: str) -> None:
+    """Raises unless ``directory`` holds a hinm_jax checkpoint and nothing else."""
+    if os.path.islink(directory):
+        raise ValueError(f"{directory}: a symbolic link; overwrite=True replaces only a checkpoint directory (pass its target)")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory}: a file, not a checkpoint; overwrite=True replaces only a checkpoint directory")
+    path = os.path.join(directory, _MANIFEST)
+    if os.path.isfile(path):
+        try:
+            with open(path) as fh:
+                listed = set(json.load(fh)["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            listed = None
+        extra = None if listed is None else sorted(set(_files(directory)) - listed)
+    elif _legacy_format(directory):
+        extra = sorted(set(os.listdir(directory)) - _ORBAX_ENTRIES)
+    else:
+        extra = None
+    if extra is None:
+        raise ValueError(f"{directory}: not a hinm_jax checkpoint; overwrite=True refuses to replace it")
+    if extra:
+        raise ValueError(
+            f"{directory}: holds files that are not part of the checkpoint ({', '.join(extra[:5])}); "
+            "overwrite=True refuses to replace it"
+        )
+
+
 def save(directory, tree, *, overwrite: bool = False) -> None:
     """Saves ``tree`` (params, masks, compressed params, nnx state) to ``directory``.
+
+    The checkpoint is written into a temporary sibling directory, verified (restored and
+    checked against the checksums), then renamed into place; an existing checkpoint is
+    replaced only after that. On any failure nothing at ``directory`` has changed and the
+    temporary directory is removed.
 
     Args:
       directory: a path that does not exist yet (or ``overwrite=True``).
       tree: the pytree (see the module docstring for what it may hold).
-      overwrite: replace an existing checkpoint.
+      overwrite: replace an existing checkpoint. Only a directory that holds a hinm_jax
+        checkpoint and nothing else is replaced; anything else (a file, a link, a
+        directory with other files) raises a ``ValueError`` and is left alone.
+
+    Raises:
+      ValueError: ``directory`` exists (without ``overwrite``) or cannot be replaced; a
+        leaf cannot be saved (its path is named).
+      TypeError: an array of a dtype that cannot be saved (strings, objects).
 
     Example:
         >>> save("/tmp/ckpt/sparse", hinm_jax.compress(params, masks))  # doctest: +SKIP
@@ -251,35 +528,66 @@ def save(directory, tree, *, overwrite: bool = False) -> None:
     directory = os.path.abspath(os.fspath(directory))
     enc = _Encoder()
     structure = {"format": _FORMAT, "tree": enc.node(tree, "")}
-    if os.path.exists(directory):
+    exists = os.path.lexists(directory)
+    if exists:
         if not overwrite:
             raise ValueError(f"{directory}: exists; pass overwrite=True to replace it")
-        shutil.rmtree(directory)
-    ocp, ckptr = _checkpointer()
-    items = {"structure": ocp.args.JsonSave(structure)}
-    if enc.arrays:
-        items["arrays"] = ocp.args.StandardSave(enc.arrays)
-    ckptr.save(directory, args=ocp.args.Composite(**items))  # synchronous
+        _check_replaceable(directory)
+    parent, name = os.path.split(directory)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
+    keep_staging = False  # set only if the previous checkpoint could not be put back
+    try:
+        new = os.path.join(staging, "new")
+        ocp, ckptr = _checkpointer()
+        items = {"structure": ocp.args.JsonSave(structure)}
+        if enc.arrays:
+            items["arrays"] = ocp.args.StandardSave(enc.arrays)
+        ckptr.save(new, args=ocp.args.Composite(**items))  # synchronous
+        if not os.path.isfile(os.path.join(new, _STRUCTURE)):
+            raise RuntimeError(f"{directory}: orbax did not write the structure to {_STRUCTURE}")
+        _write_manifest(new)
+        _read(new)  # verify before anything at `directory` changes
+        if exists:
+            old = os.path.join(staging, "old")
+            os.rename(directory, old)
+            try:
+                os.rename(new, directory)
+            except BaseException as e:
+                try:
+                    os.rename(old, directory)
+                except OSError:
+                    keep_staging = True
+                    raise OSError(f"{directory}: could not be replaced nor put back; the previous checkpoint is in {old}") from e
+                raise
+        else:
+            os.rename(new, directory)
+    finally:
+        if not keep_staging:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def restore(directory):
     """Restores a tree written by :func:`save`, bit for bit: same structure, dtypes,
-    values, patterns, layouts (no target needed).
+    values, patterns, layouts (no target needed), after verifying it.
+
+    Verified: every file's size and sha256, every array's dtype, shape and sha256, each
+    :class:`~hinm_jax.SparseWeight` against its pattern
+    (:meth:`~hinm_jax.SparseWeight.validate`) and each :class:`~hinm_jax.Mask` (a bool
+    mask fitting its pattern; layout shapes; ``row_perm`` a permutation;
+    ``vector_index`` distinct inputs in range).
+
+    Raises:
+      ValueError: no checkpoint at ``directory``, a file or directory of it is missing,
+        truncated, edited or damaged, or a restored leaf is inconsistent; the message
+        names the directory and the file or tree path.
+      TypeError: a jax float64 / int64 array saved with ``jax_enable_x64``, restored
+        without it.
 
     Example:
         >>> masks = restore("/tmp/ckpt/masks")  # doctest: +SKIP
     """
-    directory = os.path.abspath(os.fspath(directory))
-    if not os.path.isdir(directory):
-        raise ValueError(f"{directory}: no checkpoint there")
-    ocp, ckptr = _checkpointer()
-    structure = ckptr.restore(directory, args=ocp.args.Composite(structure=ocp.args.JsonRestore()))["structure"]
-    if not isinstance(structure, Mapping) or structure.get("format") != _FORMAT:
-        raise ValueError(f"{directory}: not a hinm_jax checkpoint (format {structure.get('format') if isinstance(structure, Mapping) else None!r})")
-    arrays = {}
-    if os.path.isdir(os.path.join(directory, "arrays")):
-        arrays = ckptr.restore(directory, args=ocp.args.Composite(arrays=ocp.args.StandardRestore()))["arrays"]
-    return _decode(structure["tree"], arrays)
+    return _read(os.path.abspath(os.fspath(directory)))
 
 
 def disk_bytes(directory) -> int:

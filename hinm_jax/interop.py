@@ -13,6 +13,14 @@ when one is given; otherwise from names and ranks: a 2-D ``*weight`` is a linear
 unless its name says embedding, a 3-D to 5-D ``*weight`` a conv weight, everything else
 (biases, norms, embeddings, buffers) is kept as it is. ``layouts`` overrides either.
 
+Dtypes are kept bit for bit, never cast: a tensor becomes a jax array when jax holds its
+dtype (floating and complex dtypes, bf16 and the float8 formats included), and stays a
+numpy array of the same dtype otherwise: integer and bool buffers, and float64 /
+complex128 unless ``jax_enable_x64`` is on (jax would cut them to float32 / complex64).
+Such numpy leaves pass through :func:`to_torch` unchanged; jax operations on them follow
+jax's x64 rule. A dtype with no numpy equivalent (``complex32``, packed ``float4``,
+quantized tensors) raises a ``TypeError`` naming the tensor.
+
 Example:
     >>> import numpy as np
     >>> sd = {"fc.weight": np.zeros((32, 64), np.float32), "fc.bias": np.zeros(32, np.float32)}
@@ -108,27 +116,85 @@ def torch_layouts(shapes: Mapping[str, Any], module=None, layouts: Mapping[str, 
     return out
 
 
-def _to_numpy(t) -> np.ndarray:
-    """A torch tensor (any dtype, bf16 included) or array as a numpy array, bit exact."""
+# torch dtypes numpy lacks, carried bit for bit as ml_dtypes through an integer view
+_BIT_VIEWS = (
+    ("bfloat16", "int16"),
+    ("float8_e4m3fn", "uint8"),
+    ("float8_e4m3fnuz", "uint8"),
+    ("float8_e5m2", "uint8"),
+    ("float8_e5m2fnuz", "uint8"),
+    ("float8_e8m0fnu", "uint8"),
+)
+
+
+def _bit_views():
+    """``[(torch dtype, numpy (ml_dtypes) dtype, torch int view, numpy int view)]`` for
+    the dtypes both libraries have."""
+    import ml_dtypes
+    import torch
+
+    return [
+        (getattr(torch, n), np.dtype(getattr(ml_dtypes, n)), getattr(torch, i), np.dtype(i))
+        for n, i in _BIT_VIEWS
+        if hasattr(torch, n) and hasattr(ml_dtypes, n)
+    ]
+
+
+def _check_numeric(name: str, a: np.ndarray) -> np.ndarray:
+    if a.dtype.kind not in "biufcV" or a.dtype.names is not None or a.dtype.name.startswith("void"):
+        raise TypeError(f"{name}: dtype={a.dtype}: not a numeric tensor")
+    return a
+
+
+def _to_numpy(name: str, t) -> np.ndarray:
+    """A torch tensor (bf16 and float8 included) or array as a numpy array, bit exact;
+    a ``TypeError`` naming ``name`` for dtypes numpy cannot hold."""
     if isinstance(t, np.ndarray):
-        return t
+        return _check_numeric(name, t)
     if type(t).__module__.startswith("torch"):
-        import torch
-
         t = t.detach().cpu()
-        if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(jnp.bfloat16)
-        return t.numpy()
-    return np.asarray(t)
+        for tdt, ndt, tview, _ in _bit_views():
+            if t.dtype == tdt:
+                return t.contiguous().view(tview).numpy().view(ndt)
+        try:
+            return t.resolve_conj().resolve_neg().numpy()
+        except (TypeError, RuntimeError) as e:
+            raise TypeError(f"{name}: dtype={t.dtype}: no numpy/jax equivalent, cannot be converted bit for bit ({e})") from None
+    return _check_numeric(name, np.asarray(t))
 
 
-def _from_numpy(a: np.ndarray):
+def _from_numpy(name: str, a: np.ndarray):
     import torch
 
     a = np.array(a, order="C", copy=True)  # torch wants a writable buffer of its own
-    if a.dtype == jnp.bfloat16:
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
+    for tdt, ndt, _, nview in _bit_views():
+        if a.dtype == ndt:
+            return torch.from_numpy(a.view(nview)).view(tdt)
+    try:
+        return torch.from_numpy(a)
+    except TypeError as e:
+        raise TypeError(f"{name}: dtype={a.dtype}: torch has no such dtype ({e})") from None
+
+
+def _jax_holds(dtype) -> bool:
+    """Whether a jax array holds ``dtype`` itself (float64 only with x64 on)."""
+    return jnp.issubdtype(dtype, jnp.inexact) and jax.dtypes.canonicalize_dtype(dtype) == dtype
+
+
+def _check_collisions(names) -> None:
+    """Raises when two torch names become the same hinm_jax path (``"."`` and ``"/"``
+    both separate path parts)."""
+    seen: dict[str, str] = {}
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"{name!r}: state_dict keys must be str, got {type(name).__name__}")
+        path = name.replace(".", "/")
+        if path in seen:
+            raise ValueError(
+                f"{seen[path]!r} and {name!r}: both become the path {path!r}, so prune, summary "
+                "and named_leaves could not tell them apart; rename one"
+            )
+        seen[path] = name
 
 
 def _canonical(a, kind: str):
@@ -169,7 +235,10 @@ def _flat(tree, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, Mapping) or hasattr(tree, "items") and not isinstance(tree, (SparseWeight, Mask)):
         out = {}
         for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}{k}."))
+            for name, leaf in _flat(v, f"{prefix}{k}.").items():
+                if name in out:
+                    raise ValueError(f"{name}: two leaves get this torch name (a key holds '.'); rename one")
+                out[name] = leaf
         return out
     if tree is None or isinstance(tree, (SparseWeight, Mask)) or hasattr(tree, "shape"):
         return {prefix[:-1]: tree}
@@ -182,28 +251,37 @@ def from_torch(state_dict: Mapping[str, Any], *, module=None, layouts: Mapping[s
 
     Args:
       state_dict: ``{name: tensor}`` (numpy arrays work too); dtypes are kept (bf16
-        included) and values are copied bit for bit. Floating tensors become jax
-        arrays; integer buffers stay numpy arrays (int64 survives without x64).
+        and float8 included) and values are copied bit for bit. Floating and complex
+        tensors become jax arrays when jax holds their dtype; integer and bool buffers,
+        and float64 / complex128 without ``jax_enable_x64``, stay numpy arrays of the
+        same dtype (jax would cast them down).
       module: the torch module, to read layer types (see :func:`torch_layouts`).
       layouts: ``{name regex: "linear" | "conv" | "keep"}`` overrides.
 
     Returns:
       ``{"fc1": {"weight": (in, out), "bias": (out,)}, ...}``.
 
+    Raises:
+      TypeError: a tensor whose dtype numpy cannot hold (``complex32``, packed
+        ``float4``, quantized), naming the tensor and its dtype.
+      ValueError: two names that become the same path (``"a/b.weight"`` and
+        ``"a.b.weight"``), or a name that is a prefix of another, naming both.
+
     Example:
         >>> import numpy as np
         >>> w = np.arange(6, dtype=np.float32).reshape(2, 3)  # torch Linear(3, 2)
         >>> from_torch({"weight": w})["weight"].tolist()
         [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]
+        >>> type(from_torch({"x": np.zeros(2)})["x"]).__name__  # float64 without x64
+        'ndarray'
     """
-    arrays = {name: _to_numpy(t) for name, t in state_dict.items()}
+    _check_collisions(state_dict)
+    arrays = {name: _to_numpy(name, t) for name, t in state_dict.items()}
     kinds = torch_layouts(arrays, module, layouts)
 
     def convert(a, kind):
         a = _canonical(a, kind)
-        # Integer buffers (num_batches_tracked, int64) stay numpy: jax would cut them to
-        # int32 unless jax_enable_x64 is set.
-        return jnp.asarray(a) if jnp.issubdtype(a.dtype, jnp.inexact) else np.array(a, copy=True)
+        return jnp.asarray(a) if _jax_holds(a.dtype) else np.array(a, copy=True)
 
     return _nest({name: convert(a, kinds[name]) for name, a in arrays.items()})
 
@@ -228,7 +306,7 @@ def to_torch(params, *, module=None, layouts: Mapping[str, str] | None = None) -
             v = v.densify()
         arrays[name] = np.asarray(v)
     kinds = torch_layouts(arrays, module, layouts)
-    return {name: _from_numpy(_torch_order(a, kinds[name])) for name, a in arrays.items()}
+    return {name: _from_numpy(name, _torch_order(a, kinds[name])) for name, a in arrays.items()}
 
 
 def masks_to_torch(masks, *, module=None, layouts: Mapping[str, str] | None = None) -> dict:
@@ -254,4 +332,4 @@ def masks_to_torch(masks, *, module=None, layouts: Mapping[str, str] | None = No
             raise ValueError(f"{name}: expected a Mask or None, got {type(m).__name__}")
         arrays[name] = np.asarray(m.mask, bool)
     kinds = torch_layouts(arrays, module, layouts)
-    return {name: _from_numpy(_torch_order(a, kinds[name])) for name, a in arrays.items()}
+    return {name: _from_numpy(name, _torch_order(a, kinds[name])) for name, a in arrays.items()}
