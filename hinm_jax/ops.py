@@ -39,6 +39,7 @@ from hinm_jax import _xla
 from hinm_jax.format import SparseWeight
 
 __all__ = [
+    "default_implementation",
     "sparse_matmul",
     "reference_matmul",
     "available_implementations",
@@ -86,13 +87,28 @@ def available_implementations() -> tuple[str, ...]:
     return tuple(name for name in IMPLEMENTATIONS if _runs_here(name))
 
 
-def pack_for(params, implementation: str):
+def default_implementation() -> str:
+    """The implementation the default dispatch tries first here: the first kernel backend
+    of this platform's order that runs (``"cpu"`` on a CPU whose compiler built the
+    kernel; ``"cuda"`` or ``"pallas"`` on a GPU), else ``"xla"``."""
+    return next(name for name in _ORDER.get(jax.default_backend(), ("xla",)) + ("xla",) if _runs_here(name))
+
+
+def pack_for(params, implementation: str | None = None):
     """Adds a backend's packed copy to every :class:`~hinm_jax.format.SparseWeight` in
     ``params``, once, so that :func:`sparse_matmul` does not repack on every call.
 
+    Args:
+      params: a pytree holding :class:`~hinm_jax.format.SparseWeight` leaves (e.g. the
+        output of :func:`hinm_jax.compress`).
+      implementation: the backend to pack for; ``None`` packs for
+        :func:`default_implementation` (``"xla"`` needs no packing).
+
     Example:
-        >>> sparse = hinm_jax.pack_for(sparse, "cuda")  # doctest: +SKIP
+        >>> sparse = hinm_jax.pack_for(hinm_jax.compress(params, masks))  # doctest: +SKIP
     """
+    if implementation is None:
+        implementation = default_implementation()
     if implementation == "xla":
         return params
     mod = backend_module(implementation)
