@@ -16,7 +16,7 @@ from typing import Any, Callable
 import flax.linen as nn
 from flax import nnx
 
-__all__ = ["runner", "model_params", "layer_kind", "replace_modules", "join_path"]
+__all__ = ["runner", "model_params", "layer_kind", "replace_modules", "join_path", "kernel_path"]
 
 Record = Callable[[str, Any, Any], None]
 
@@ -24,6 +24,12 @@ Record = Callable[[str, Any, Any], None]
 def join_path(parts) -> str:
     """A module path as ``"encoder/layers/0"``."""
     return "/".join(str(p) for p in parts)
+
+
+def kernel_path(module_path: str) -> str:
+    """The path of a layer's kernel parameter: ``"encoder/q"`` -> ``"encoder/q/kernel"``
+    (``"kernel"`` for the root module)."""
+    return f"{module_path}/kernel" if module_path else "kernel"
 
 
 def layer_kind(module) -> str | None:

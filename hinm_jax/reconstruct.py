@@ -154,7 +154,7 @@ def _runner(model, variables, call):
     run = _capture.runner(model, variables, call, wanted=lambda mod: _capture.layer_kind(mod) == "dense")
 
     def run_dense(params, batch, record):
-        return run(params, batch, lambda mpath, mod, x: record(f"{mpath}/kernel" if mpath else "kernel", x))
+        return run(params, batch, lambda mpath, mod, x: record(_capture.kernel_path(mpath), x))
 
     return run_dense
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from hinm_jax import _capture
 from hinm_jax.core import magnitude
-from hinm_jax.layers.functional import ConvSpec, conv_patches
+from hinm_jax.layers.functional import ConvSpec, _normalize_axes, _tuple, conv_patches
 
 __all__ = ["magnitude", "input_norms", "wanda", "taylor"]
 
@@ -42,19 +42,11 @@ __all__ = ["magnitude", "input_norms", "wanda", "taylor"]
 # ---------------------------------------------------------------------------------------
 
 
-def _normalize(axes, ndim):
-    return tuple(a if a >= 0 else ndim + a for a in axes)
-
-
-def _tuple(x):
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
 def _dense_sumsq(x, axis, path, weights=None):
     """Sum of squares of ``x`` over every axis but the contracted ones (in ``axis``
     order): the input features of a dense layer; each row scaled by its weight."""
     x = jnp.asarray(x, jnp.float32)
-    axis = _normalize(_tuple(axis), x.ndim)
+    axis = _normalize_axes(_tuple(axis), x.ndim)
     n = len(axis)
     xt = jnp.moveaxis(x, axis, tuple(range(x.ndim - n, x.ndim)))
     sq = jnp.square(xt)
@@ -126,7 +118,7 @@ def _norms(model, batches, variables, call, row_weights) -> dict[str, jax.Array]
         weights = None if row_weights is None else row_weights(batch)
 
         def record(mpath, mod, x):
-            path = f"{mpath}/kernel" if mpath else "kernel"
+            path = _capture.kernel_path(mpath)
             s = _module_sumsq(_capture.layer_kind(mod), mod, x, path, weights)
             sums[path] = sums[path] + s if path in sums else s
             modules[path] = mod

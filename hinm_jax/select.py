@@ -38,6 +38,7 @@ import jax
 
 from hinm_jax import _capture
 from hinm_jax._capture import replace_modules
+from hinm_jax.layers.functional import _prod
 
 __all__ = [
     "ModuleInfo",
@@ -179,10 +180,6 @@ def modules(model, *args, method=None, **kwargs) -> tuple[ModuleInfo, ...]:
     return tuple(info for info in _all_modules(model, args, kwargs, method) if info.path)
 
 
-def _kernel_path(module_path: str) -> str:
-    return f"{module_path}/kernel" if module_path else "kernel"
-
-
 def _as_predicate(p) -> Predicate:
     if isinstance(p, str):
         return path_regex(p)
@@ -266,7 +263,7 @@ def kernel_shapes(model, *args, **kwargs) -> dict[str, tuple[tuple, tuple, tuple
             for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
         }
         for info in infos:
-            kpath, mod = _kernel_path(info.path), info.module
+            kpath, mod = _capture.kernel_path(info.path), info.module
             if kpath not in flat:
                 continue
             shape = tuple(flat[kpath].shape)
@@ -278,7 +275,7 @@ def kernel_shapes(model, *args, **kwargs) -> dict[str, tuple[tuple, tuple, tuple
                 out[kpath] = ((), shape[:-1], shape[-1:])
         return out
     for info in infos:
-        kpath, mod = _kernel_path(info.path), info.module
+        kpath, mod = _capture.kernel_path(info.path), info.module
         if isinstance(mod, nnx.LinearGeneral):
             shape = tuple(mod.kernel.shape)
             nb, nf = len(mod.batch_axis), len(mod.out_features)
@@ -333,9 +330,9 @@ def prunable(model, *args, **kwargs) -> Predicate:
     """
     shapes = kernel_shapes(model, *args, **kwargs)
     ok = {
-        _kernel_path(info.path)
+        _capture.kernel_path(info.path)
         for info in _all_modules(model, args, kwargs)
-        if _sparse_capable(info) is None and _kernel_path(info.path) in shapes
+        if _sparse_capable(info) is None and _capture.kernel_path(info.path) in shapes
     }
 
     def where(path: str, leaf) -> bool:
@@ -352,13 +349,6 @@ def prunable(model, *args, **kwargs) -> Predicate:
         return True
 
     return where
-
-
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= int(x)
-    return out
 
 
 def path_regex(regex: str) -> Predicate:

@@ -8,6 +8,7 @@ from typing import Mapping
 
 from flax import linen as nn
 
+from hinm_jax._capture import kernel_path
 from hinm_jax.format import SparseWeight
 from hinm_jax.layers.functional import ConvSpec, DenseFallbackWarning, _dense_conv, _tuple, conv, dense_general
 
@@ -34,7 +35,7 @@ def _linen_call(module, params, args, kwargs, path: str, implementation):
         raise ValueError(f"{path}: expected {type(module).__name__}(inputs), got {len(args)} args and {sorted(kwargs)}")
     (x,) = args
     w, bias = params["kernel"], params.get("bias")
-    kpath = f"{path}/kernel" if path else "kernel"
+    kpath = kernel_path(path)
     if isinstance(module, nn.Dense):
         return dense_general(
             x, w, bias, axis=-1, features=(module.features,), dtype=module.dtype,

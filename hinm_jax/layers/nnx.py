@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hinm_jax._capture import replace_modules
+from hinm_jax._capture import kernel_path, replace_modules
 from hinm_jax._tree import path_str
 from hinm_jax.format import SparseWeight, compress
 from hinm_jax.layers.functional import (
@@ -65,24 +65,20 @@ def _compress_checked(items: Mapping[str, tuple[Any, Mask]]) -> dict[str, Sparse
     return {p: sw for p, (sw, _) in done.items()}
 
 
-def _kpath(path: str) -> str:
-    return f"{path}/kernel" if path else "kernel"
-
-
 def _linear_kernel(module, mask: Mask, path: str):
     """The kernel of an ``nnx.Linear`` / ``nnx.LinearGeneral`` in the mask's shape."""
     kernel = module.kernel[...]
     if isinstance(module, nnx.LinearGeneral):
         if module.batch_axis:
             raise ValueError(
-                f"{_kpath(path)}: shape={tuple(kernel.shape)}: LinearGeneral with batch_axis has no sparse path"
+                f"{kernel_path(path)}: shape={tuple(kernel.shape)}: LinearGeneral with batch_axis has no sparse path"
             )
         folded = tuple(module.in_features) + (_prod(module.out_features),)
     else:
         folded = tuple(kernel.shape)
     mshape = tuple(mask.mask.shape)
     if mshape not in (tuple(kernel.shape), folded):
-        raise _mask_mismatch(_kpath(path), kernel.shape, mask)
+        raise _mask_mismatch(kernel_path(path), kernel.shape, mask)
     return kernel.reshape(mshape)
 
 
@@ -90,7 +86,7 @@ def _conv_kernel(module, mask: Mask, path: str):
     """The kernel of an ``nnx.Conv``, its ``mask=`` attribute folded in."""
     kernel = module.kernel[...]
     if tuple(mask.mask.shape) != tuple(kernel.shape):
-        raise _mask_mismatch(_kpath(path), kernel.shape, mask)
+        raise _mask_mismatch(kernel_path(path), kernel.shape, mask)
     if module.mask is not None:
         kernel = kernel * module.mask
     return kernel
@@ -155,7 +151,7 @@ class SparseLinear(nnx.Module):
         ``(*in, prod(out))`` (see :func:`fold_features`).
         """
         kernel = _linear_kernel(module, mask, path)
-        sw = _compress_checked({_kpath(path): (kernel, mask)})[_kpath(path)]
+        sw = _compress_checked({kernel_path(path): (kernel, mask)})[kernel_path(path)]
         return cls._wrap(module, sw, implementation=implementation, path=path)
 
     @classmethod
@@ -172,7 +168,7 @@ class SparseLinear(nnx.Module):
 
     def __call__(self, inputs, out_sharding=None):
         bias = self.bias[...] if self.bias is not None else None
-        kpath = f"{self.path}/kernel" if self.path else "kernel"
+        kpath = kernel_path(self.path)
         y = dense_general(
             inputs, self.kernel.get_value(), bias, axis=self.axis, features=self.out_features,
             dtype=self.dtype, implementation=self.implementation, path=kpath,
@@ -220,7 +216,7 @@ class SparseConv(nnx.Module):
         implementation: str | None = None,
         path: str = "",
     ):
-        kpath = f"{path}/kernel" if path else "kernel"
+        kpath = kernel_path(path)
         if not isinstance(kernel, SparseWeight):
             raise ValueError(f"{kpath}: expected a SparseWeight, got {type(kernel).__name__}")
         if spec.feature_group_count != 1:
@@ -241,7 +237,7 @@ class SparseConv(nnx.Module):
         """Compresses an ``nnx.Conv`` kernel with ``mask`` (``Conv(mask=...)`` is folded
         into the values)."""
         kernel = _conv_kernel(module, mask, path)
-        sw = _compress_checked({_kpath(path): (kernel, mask)})[_kpath(path)]
+        sw = _compress_checked({kernel_path(path): (kernel, mask)})[kernel_path(path)]
         return cls._wrap(module, sw, implementation=implementation, path=path)
 
     @classmethod
@@ -253,7 +249,7 @@ class SparseConv(nnx.Module):
         )
 
     def __call__(self, inputs, out_sharding=None):
-        kpath = f"{self.path}/kernel" if self.path else "kernel"
+        kpath = kernel_path(self.path)
         if inputs.shape[-1] != self.in_features:
             raise ValueError(
                 f"{kpath}: shape={self.kernel.get_value().shape} expects {self.in_features} input "
@@ -309,7 +305,7 @@ def _plan(model, masks: Mapping[str, Mask]) -> list[tuple[Conversion, Any]]:
     owners = {}
     for mpath, mod in nnx.iter_modules(model):
         mp = "/".join(str(k) for k in mpath)
-        owners[f"{mp}/kernel" if mp else "kernel"] = mod
+        owners[kernel_path(mp)] = mod
     plan = []
     for path, mask in masks.items():
         if path not in params:
@@ -413,11 +409,11 @@ def to_inference(model, masks, *, implementation: str | None = None):
         mask = by_path[c.path]
         kernel = _conv_kernel(mod, mask, mpath) if isinstance(mod, nnx.Conv) else _linear_kernel(mod, mask, mpath)
         todo[mpath] = (mod, kernel, mask)
-    compressed = _compress_checked({_kpath(p): (k, m) for p, (_, k, m) in todo.items()}) if todo else {}
+    compressed = _compress_checked({kernel_path(p): (k, m) for p, (_, k, m) in todo.items()}) if todo else {}
     swaps = {}
     for mpath, (mod, _, _) in todo.items():
         cls = SparseConv if isinstance(mod, nnx.Conv) else SparseLinear
-        swaps[mpath] = cls._wrap(mod, compressed[_kpath(mpath)], implementation=implementation, path=mpath)
+        swaps[mpath] = cls._wrap(mod, compressed[kernel_path(mpath)], implementation=implementation, path=mpath)
     for c in dense:
         warnings.warn(f"{c.path}: {c.module} left dense (mask applied): {c.reason}", DenseFallbackWarning, stacklevel=2)
     if dense:
