@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
@@ -38,7 +39,6 @@ import jax
 
 from hinm_jax import _capture
 from hinm_jax._capture import replace_modules
-from hinm_jax.layers.functional import _prod
 
 __all__ = [
     "ModuleInfo",
@@ -343,7 +343,7 @@ def prunable(model, *args, **kwargs) -> Predicate:
         if len(outs) > 1 and shape is not None and shape == batch + ins + outs:
             raise ValueError(
                 f"{path}: shape={shape} has {len(outs)} output axes {outs}: prune it as a "
-                f"(K={_prod(ins)}, O={_prod(outs)}) matrix, folded with "
+                f"(K={math.prod(ins)}, O={math.prod(outs)}) matrix, folded with "
                 "hinm_jax.layers.fold_features(params, model, ...) first"
             )
         return True

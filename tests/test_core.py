@@ -67,3 +67,15 @@ def test_scheduled_kept_inputs_ends_at_the_pattern_rule(pattern, k):
     assert int(core.scheduled_kept_inputs(pattern, k, 8, 0.0)) == k
     steps = [int(core.scheduled_kept_inputs(pattern, k, 8, f)) for f in np.linspace(0.0, 1.0, 11)]
     assert steps == sorted(steps, reverse=True) and min(steps) == kv
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["core", "masks", "format", "ops", "permute", "layers", "select", "scores", "reconstruct", "optim", "checkpoint"],
+)
+def test_every_module_imports_first(module):
+    """No module needs another to have been imported before it (no runtime cycle)."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", f"import hinm_jax.{module}"], check=True)
