@@ -1,7 +1,8 @@
 """The shared backend suite: every implementation against the xla reference.
 
-"xla" always runs; "pallas" runs in interpret mode on CPU (small shapes); "cuda" needs
-an NVIDIA GPU and is skipped elsewhere.
+"xla" always runs; "cpu" (the C++ kernel) runs wherever it builds; "pallas" runs in
+interpret mode on CPU (small shapes); "cuda" needs an NVIDIA GPU and is skipped elsewhere.
+The cpu kernel's own suite (both schedules, every pattern, builds) is tests/test_cpu_ffi.py.
 """
 
 import functools
@@ -28,7 +29,7 @@ def _runnable(impl: str) -> bool:
     return mod.is_available()
 
 
-@pytest.fixture(params=["xla", "pallas", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.fixture(params=["xla", "cpu", "pallas", pytest.param("cuda", marks=pytest.mark.gpu)])
 def impl(request):
     if not _runnable(request.param):
         pytest.skip(f"{request.param} cannot run here")
@@ -37,12 +38,14 @@ def impl(request):
 
 def _matmul(x, sw, impl, **kw):
     """sparse_matmul with an explicit implementation; the cuda kernel runs fp16/bf16
-    only, and says so with NotImplementedError (then the case does not apply)."""
+    only and the cpu kernel fp32/bf16, and they say so with NotImplementedError (then the
+    case does not apply)."""
+    declined = {"cuda": (jnp.float32,), "cpu": (jnp.float16,)}.get(impl, ())
     try:
         return hinm_jax.sparse_matmul(x, sw, implementation=impl, **kw)
     except NotImplementedError as e:
-        if impl == "cuda" and jnp.dtype(sw.dtype) == jnp.float32:
-            pytest.skip(f"cuda: {e}")
+        if any(jnp.dtype(d) in (jnp.dtype(sw.dtype), jnp.dtype(x.dtype)) for d in declined):
+            pytest.skip(f"{impl}: {e}")
         raise
 
 

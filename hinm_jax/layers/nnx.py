@@ -22,7 +22,7 @@ from hinm_jax.layers.functional import (
     patch_order,
 )
 from hinm_jax.masks import Mask, is_mask_leaf
-from hinm_jax.ops import pack_for
+from hinm_jax.ops import default_implementation, pack_for
 
 __all__ = ["SparseParam", "SparseLinear", "SparseConv", "Conversion", "conversion_report", "to_inference"]
 
@@ -378,8 +378,9 @@ def to_inference(model, masks, *, implementation: str | None = None):
       model: an nnx module.
       masks: from :func:`hinm_jax.prune` on ``nnx.state(model, nnx.Param)`` (an nnx
         ``State`` or a nested dict with the same paths; ``None`` leaves are dense).
-      implementation: passed to :func:`hinm_jax.sparse_matmul`; ``"cuda"`` or
-        ``"pallas"`` also packs every kernel for that backend once, here.
+      implementation: passed to :func:`hinm_jax.sparse_matmul`. Every kernel is packed
+        once, here, for this backend (``None``: for
+        :func:`hinm_jax.ops.default_implementation`, e.g. ``"cpu"`` on a CPU).
 
     Example:
         >>> from flax import nnx
@@ -424,6 +425,7 @@ def to_inference(model, masks, *, implementation: str | None = None):
                 m = by_path[p].mask.reshape(w.shape)
                 var.set_value(jnp.where(m, w, jnp.zeros((), w.dtype)))
     replace_modules(new, lambda p, mod: swaps.get(p))
-    if implementation in ("cuda", "pallas"):
-        nnx.update(new, pack_for(nnx.state(new, SparseParam), implementation))
+    packed_for = implementation or default_implementation()
+    if packed_for != "xla":
+        nnx.update(new, pack_for(nnx.state(new, SparseParam), packed_for))
     return new
