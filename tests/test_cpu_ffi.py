@@ -263,3 +263,37 @@ def test_no_compiler_falls_back_to_xla_with_one_warning(tmp_path):
     out = _run({"HINM_JAX_CXX": str(tmp_path / "no-such-compiler")}, tmp_path)
     warnings_ = [line for line in out.splitlines() if line.startswith("WARNING")]
     assert len(warnings_) == 1 and "no C++ compiler found" in warnings_[0], out
+
+
+# --- Flax models: packed once, the kernel at every call ------------------------------------
+
+
+def test_to_inference_packs_every_kernel_once_for_the_cpu():
+    from flax import nnx
+
+    model = nnx.Sequential(nnx.Linear(64, 64, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(64, 32, rngs=nnx.Rngs(1)))
+    masks = hinm_jax.prune(nnx.state(model, nnx.Param), "hinm:32:0.5:2:4")
+    sparse = hinm_jax.to_inference(model, masks)
+    kernels = [leaf for leaf in jax.tree.leaves(nnx.state(sparse), is_leaf=lambda x: isinstance(x, hinm_jax.SparseWeight)) if isinstance(leaf, hinm_jax.SparseWeight)]
+    assert len(kernels) == 2 and all(k.packed_for == "cpu" for k in kernels)
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(5, 64)), jnp.float32)
+    dense = nnx.merge(*nnx.split(model))
+    nnx.update(dense, hinm_jax.apply_masks(nnx.state(dense, nnx.Param), masks))
+    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(sparse, x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_inference_with_packed_params_never_packs_in_the_graph(monkeypatch):
+    import flax.linen as nn
+
+    model = nn.Sequential([nn.Dense(64), nn.relu, nn.Dense(32)])
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(9, 64)), jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+    masks = hinm_jax.prune(params, "hinm:32:0.5:2:4")
+    packed = hinm_jax.pack_for(hinm_jax.compress(params, masks))
+    calls = []
+    monkeypatch.setattr(_cpu, "pack", lambda w: calls.append(w) or None)
+    with hinm_jax.sparse_inference():
+        y = jax.jit(lambda p, x: model.apply({"params": p}, x))(packed, x)
+    assert not calls
+    want = model.apply({"params": hinm_jax.apply_masks(params, masks)}, x)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
