@@ -40,7 +40,7 @@ import optax
 from tqdm.auto import tqdm
 
 import hinm_jax
-from hinm_jax import optim, permute, reconstruct, scores
+from hinm_jax import optim, reconstruct, scores
 from hinm_jax.models import minilm
 
 HERE = Path(__file__).resolve().parent
@@ -328,7 +328,8 @@ def plot_curves(path, histories: dict):
     ax.set_xlabel("step")
     ax.set_ylabel("train-batch embedding cosine to dense")
     ax.set_title("Distillation")
-    ax.legend()
+    if any(histories.values()):
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -338,6 +339,11 @@ def plot_curves(path, histories: dict):
 
 
 STAGES = ("pruned", "reconstructed", "fine-tuned")
+
+
+def _get(scores_or_none, key):
+    """A score, or NaN for a stage that was not run (``--no-refit``, ``--minutes 0``)."""
+    return float("nan") if scores_or_none is None else scores_or_none[key]
 
 
 def _layout_pattern(pattern):
@@ -372,7 +378,7 @@ def main(argv=None):
                     help="refit all layers from the dense model's inputs in one pass (not layer after layer)")
     ap.add_argument("--eval-size", type=int, default=1000,
                     help="task evaluation pairs (a fixed random subset of the 2000; the pool of definitions)")
-    ap.add_argument("--throughput-sentences", type=int, default=512)
+    ap.add_argument("--throughput-sentences", type=int, default=256)
     ap.add_argument("--throughput-repeats", type=int, default=5, help="0 skips the throughput measurement")
     ap.add_argument("--no-save", action="store_true", help="do not save (and restore) the compressed model")
     ap.add_argument("--variants", default="plain,2cp",
@@ -381,11 +387,10 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("out/minilm_demo"))
     ap.add_argument("--fast", action="store_true", help="tiny budget: a smoke run for the test suite")
+    if ap.parse_known_args(argv)[0].fast:  # small defaults; options given explicitly still win
+        ap.set_defaults(minutes=0.05, max_steps=3, batch=4, calibration=16, eval_size=64, distill_sentences=16,
+                        throughput_sentences=24, throughput_repeats=1)
     args = ap.parse_args(argv)
-    if args.fast:
-        args.minutes, args.max_steps, args.batch, args.calibration = 0.05, 3, 4, 16
-        args.eval_size, args.throughput_sentences, args.throughput_repeats = 64, 64, 1
-        args.distill_sentences = 16
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
@@ -441,10 +446,10 @@ def main(argv=None):
           f"(whole-model density {summary.density:.3f}); 2CP search {t_perm:.1f} s")
 
     # per-layer efficacy under the importance the search maximised (SPEC definition)
-    named = {k: hinm_jax.masks.named_leaves(m) for k, m in masks.items()}
-    weights = hinm_jax.masks.named_leaves(params)
+    named = {k: hinm_jax.named_leaves(m) for k, m in masks.items()}
+    weights = hinm_jax.named_leaves(params)
     eff = {
-        path: permute.efficacy(score(path, weights[path]), pattern, m.layout)
+        path: hinm_jax.efficacy(score(path, weights[path]), pattern, m.layout)
         for path, m in named[last].items()
         if m is not None
     }
@@ -471,7 +476,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         if args.no_refit:
             starts[name] = params
-            results[name]["reconstructed"], task[name]["reconstructed"] = results[name]["pruned"], task[name]["pruned"]
+            results[name]["reconstructed"], task[name]["reconstructed"] = None, None  # not run
         else:
             print(f"refitting {name}: least-squares refit of the kept weights on the calibration sentences")
             starts[name] = reconstruct.reconstruct(
@@ -487,7 +492,7 @@ def main(argv=None):
     for name, m in masks.items():
         if args.minutes <= 0:
             tuned[name], histories[name] = starts[name], []
-            results[name]["fine-tuned"], task[name]["fine-tuned"] = results[name]["reconstructed"], task[name]["reconstructed"]
+            results[name]["fine-tuned"], task[name]["fine-tuned"] = None, None  # not run
         else:
             tuned[name], histories[name] = finetune(
                 model, starts[name], m, buckets, targets, seconds=60 * args.minutes, max_steps=args.max_steps,
@@ -549,14 +554,14 @@ def main(argv=None):
     plot_bars(
         args.out / "fidelity.png",
         [f"{n} {s}" for n in masks for s in STAGES],
-        {lab: [results[n][s][lab] for n in masks for s in STAGES] for lab in labels},
+        {lab: [_get(results[n][s], lab) for n in masks for s in STAGES] for lab in labels},
         "fidelity to dense",
         "Held-out embedding fidelity: pruned, reconstructed, fine-tuned",
     )
     plot_bars(
         args.out / "task.png",
         ["dense"] + [f"{n} {s}" for n in masks for s in STAGES],
-        {lab: [task["dense"][lab]] + [task[n][s][lab] for n in masks for s in STAGES] for lab in ("mrr", "recall@1")},
+        {lab: [task["dense"][lab]] + [_get(task[n][s], lab) for n in masks for s in STAGES] for lab in ("mrr", "recall@1")},
         "score (x100)",
         f"Task: WordNet example -> definition retrieval among {len(eval_rows)}",
     )
@@ -588,12 +593,17 @@ def main(argv=None):
     print(f"{'model':<7}" + "".join(f"{s:>16}" for s in STAGES))
     print(f"{'dense':<7}{task['dense']['mrr']:>9.1f} / {task['dense']['recall@1']:<4.1f}")
     for n in masks:
-        print(f"{n:<7}" + "".join(f"{task[n][s]['mrr']:>9.1f} / {task[n][s]['recall@1']:<4.1f}" for s in STAGES))
+        print(f"{n:<7}" + "".join(
+            f"{task[n][s]['mrr']:>9.1f} / {task[n][s]['recall@1']:<4.1f}" if task[n][s] else f"{'(not run)':>16}"
+            for s in STAGES
+        ))
     print("\n== held-out fidelity to the dense model (cosine / top-5 neighbour agreement) ==")
     print(f"{'model':<7}" + "".join(f"{s:>22}" for s in STAGES) + f"{'steps':>7}")
     for n in masks:
         r = results[n]
-        print(f"{n:<7}" + "".join(f"{r[s]['cosine']:>13.4f} / {r[s]['top5']:.3f}" for s in STAGES) + f"{r['steps']:>7d}")
+        print(f"{n:<7}" + "".join(
+            f"{r[s]['cosine']:>13.4f} / {r[s]['top5']:.3f}" if r[s] else f"{'(not run)':>22}" for s in STAGES
+        ) + f"{r['steps']:>7d}")
     print(f"sparse inference == masked dense (max abs err {err:.1e}); compressed encoder linear layers: "
           f"{sizes['float16']:.3f}x dense in fp16, {sizes['float32']:.3f}x in fp32")
     if speed:
