@@ -268,8 +268,8 @@ def improve(
     """
     bk, j, m = cols.shape
     x = jnp.asarray(x, jnp.float32)
-    cols = np.asarray(cols, np.int32)
-    pool = np.asarray(pool, np.int32)
+    cols = np.array(cols, np.int32)  # a writable copy: the caller's may be a read-only view
+    pool = np.array(pool, np.int32)
     g = group_size(j, group)
     u = min(unused, pool.shape[1] // (j // g))
     tol = _TOL * n * np.asarray(jnp.max(jnp.abs(x), axis=(1, 2)) * x.shape[2], np.float64)  # (Bk,)

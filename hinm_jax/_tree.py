@@ -15,12 +15,39 @@ def _key_str(key) -> str:
 def path_str(keypath) -> str:
     """``("Dense_0", "kernel")``-style key paths as ``"Dense_0/kernel"``.
 
-    nnx ``Variable`` wrappers (a trailing ``.value``) are left out of the name.
+    nnx ``Variable`` wrappers (a trailing ``.value``) are left out of the name. Keys are
+    written as they are (a ``"/"`` inside a key is not escaped, so paths stay what
+    regexes and users expect); :func:`flatten_with_paths` refuses two leaves with the
+    same path.
     """
     parts = [_key_str(k) for k in keypath]
     while parts and parts[-1] in ("value", "raw_value"):
         parts.pop()
     return "/".join(parts)
+
+
+def flatten_with_paths(tree, is_leaf=None, what: str = "params") -> list:
+    """``[(path, leaf)]`` of ``tree`` with :func:`path_str` paths, which must be unique.
+
+    A dict key may contain ``"/"`` (``{"a/b": {"w": ...}}`` is ``"a/b/w"``), but two leaves
+    with the same path string (``{"a/b": {"w": x}, "a": {"b": {"w": y}}}``) would be
+    confused by everything that selects or looks up leaves by path (``where=``, per-path
+    patterns, ``score=``), so they raise a ``ValueError`` naming both key paths.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+    seen = {}
+    out = []
+    for keypath, leaf in leaves:
+        path = path_str(keypath)
+        if path in seen:
+            raise ValueError(
+                f"{path}: two leaves of {what} have this path, {seen[path]} and "
+                f"{jax.tree_util.keystr(keypath)}: a key containing '/' collides with nested keys; "
+                "rename one of them"
+            )
+        seen[path] = jax.tree_util.keystr(keypath)
+        out.append((path, leaf))
+    return out
 
 
 def _paths(tree, is_leaf=None):

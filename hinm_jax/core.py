@@ -13,8 +13,10 @@ has a block structure ``(V, K_v, n, m)`` (:meth:`Pattern.structure`):
 2. the *N:M step* (:func:`nm_step`): walking each block's kept inputs in vector-index
    order, every output channel keeps the ``n`` best of each ``m`` consecutive entries.
 
-Scores are cleaned first (:func:`clean_score`): NaN counts as least important. Ties
-break towards the lowest index everywhere.
+Scores are cleaned first (:func:`clean_score`): NaN counts as least important, ``±inf``
+are ordered as the extremes, and sums of scores (block sums, HSS group values) are
+:func:`ordered_sum`: never NaN, so every pattern keeps exactly its density whatever the
+scores. Ties break towards the lowest index everywhere.
 
 Example:
     >>> import jax.numpy as jnp
@@ -31,13 +33,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hinm_jax import _structure
 from hinm_jax.patterns import HSS, Pattern, Unstructured
 
 __all__ = [
     "Layout",
+    "check_layout",
+    "is_concrete",
     "clean_score",
+    "ordered_sum",
     "magnitude",
     "matrix_shape",
     "stripe_keep",
@@ -70,10 +76,96 @@ class Layout:
     vector_index: jax.Array
 
 
+def is_concrete(*arrays) -> bool:
+    """``True`` when no array is a tracer: their values can be read with numpy (also for
+    concrete arrays closed over by a function being traced)."""
+    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
+def check_layout(layout, pattern: Pattern, shape, stack_axes: int = 0, path: str = "layout") -> Layout:
+    """The one check of a :class:`Layout` for a leaf of ``shape`` in ``pattern``.
+
+    Always checked: ``layout`` is a :class:`Layout`, the pattern has a block structure and
+    fits, ``row_perm`` has shape ``(*stack, O)`` and ``vector_index`` ``(*stack, O/V, K_v)``,
+    both of an integer dtype. Checked when the arrays are concrete (skipped for tracers,
+    i.e. on arrays computed inside ``jax.jit``; concrete arrays closed over by a traced
+    function are checked): every ``row_perm`` is a permutation of ``0..O-1``, and every
+    block's ``vector_index`` holds distinct inputs ``0 <= k < K``.
+
+    Args:
+      layout: the layout to check.
+      pattern: its pattern.
+      shape: the leaf's shape.
+      stack_axes: leading axes of independent matrices.
+      path: the leaf's path, for the messages.
+
+    Returns:
+      ``layout``.
+
+    Raises:
+      TypeError: ``layout`` is not a :class:`Layout`.
+      ValueError: anything else, naming ``path``, the shape and the pattern.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from hinm_jax.patterns import NM
+        >>> lay = Layout(jnp.arange(2), jnp.array([[0, 1, 2, 3]]))
+        >>> check_layout(lay, NM(2, 4), (4, 2)) is lay
+        True
+    """
+    shape = tuple(shape)
+    where = f"{path}: shape={shape} pattern {pattern}"
+    if not isinstance(layout, Layout):
+        raise TypeError(f"{where}: layout must be a hinm_jax.core.Layout, got {type(layout).__name__}")
+    if len(shape) - stack_axes < 2:
+        raise ValueError(f"{where}: needs at least 2 axes after stack_axes={stack_axes}")
+    stack, k, o = matrix_shape(shape, stack_axes)
+    err = pattern.fit_error(k, o)
+    if err is not None:
+        raise ValueError(f"{where}: does not fit: {err}")
+    struct = pattern.structure(k, o)
+    if struct is None:
+        raise ValueError(f"{where}: has a layout, but this pattern has no block structure")
+    v, kv, _, _ = struct
+    rp, vi = layout.row_perm, layout.vector_index
+    for name, a, want in (("row_perm", rp, stack + (o,)), ("vector_index", vi, stack + (o // v, kv))):
+        if tuple(np.shape(a)) != want:
+            raise ValueError(
+                f"{where}: {name} has shape {tuple(np.shape(a))}, expected {want} (layout shapes follow "
+                "the leaf and its pattern)"
+            )
+        dt = np.dtype(a.dtype) if hasattr(a, "dtype") else np.asarray(a).dtype
+        if dt.kind not in "iu":
+            raise ValueError(f"{where}: {name} has dtype {dt}, expected int32")
+    if not is_concrete(rp, vi):
+        return layout
+    rp = np.asarray(rp).reshape(-1, o)
+    if np.any(np.sort(rp, axis=-1) != np.arange(o)):
+        raise ValueError(f"{where}: row_perm is not a permutation of 0..{o - 1}")
+    vi = np.asarray(vi).reshape(-1, kv)
+    if vi.size and (vi.min() < 0 or vi.max() >= k):
+        raise ValueError(f"{where}: vector_index has entries outside 0..{k - 1}")
+    if kv > 1 and np.any(np.diff(np.sort(vi, axis=-1), axis=-1) == 0):
+        raise ValueError(f"{where}: vector_index repeats an input inside a block")
+    return layout
+
+
 def clean_score(score):
     """``score`` in float32 with NaN replaced by ``-inf`` (least important)."""
     score = jnp.asarray(score, jnp.float32)
     return jnp.where(jnp.isnan(score), -jnp.inf, score)
+
+
+def ordered_sum(x, axis, where=None):
+    """The sum of cleaned scores (no NaN) along ``axis``, never NaN: ``+inf`` when any
+    summed entry is ``+inf``, else ``-inf`` when any is ``-inf``, else the sum. Only
+    ``where`` entries count (all by default)."""
+    if where is not None:
+        x = jnp.where(where, x, 0.0)
+    finite = jnp.sum(jnp.where(jnp.isfinite(x), x, 0.0), axis=axis)
+    total = jnp.where(jnp.any(x == -jnp.inf, axis=axis), -jnp.inf, finite)
+    total = jnp.where(jnp.any(x == jnp.inf, axis=axis), jnp.inf, total)
+    return jnp.where(jnp.isnan(total), -jnp.inf, total)
 
 
 def magnitude(w):
@@ -109,7 +201,7 @@ def vector_step(score, row_perm, vector_size: int, kept_inputs: int):
     nb = o // vector_size
     if kept_inputs == k:
         return jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (nb, k))
-    block = _structure.to_blocks(score, row_perm, nb).sum(axis=2).T  # (nb, K)
+    block = ordered_sum(_structure.to_blocks(score, row_perm, nb), axis=2).T  # (nb, K)
     _, idx = jax.lax.top_k(block, kept_inputs)  # ties: lowest index first
     return jnp.sort(idx, axis=-1).astype(jnp.int32)
 
@@ -153,7 +245,7 @@ def _hss_mask(score, levels):
         g = group.reshape(o, -1, m)
         kg = stripe_keep(g, n)
         keep = keep & jnp.repeat(kg.reshape(o, -1), unit, axis=-1)
-        group = jnp.sum(jnp.where(kg, g, 0.0), axis=-1)
+        group = ordered_sum(g, axis=-1, where=kg)
         unit *= m
     return keep.T
 
@@ -245,7 +337,7 @@ def block_mask_at(score, row_perm, vector_size: int, kept_inputs: int, n: int, m
     k, o = score.shape
     nb = o // vector_size
     sb = _structure.to_blocks(score, row_perm, nb)  # (K, nb, V)
-    rank, order = _rank(sb.sum(axis=2).T)  # (nb, K)
+    rank, order = _rank(ordered_sum(sb, axis=2).T)  # (nb, K)
     idx = jnp.arange(k, dtype=jnp.int32)
     walk = jnp.argsort(jnp.where(rank < kv_t, idx, idx + k), axis=-1).astype(jnp.int32)  # kept first, ascending
     valid = (idx < kv_t)[None, :, None]

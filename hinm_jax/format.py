@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -37,7 +38,8 @@ import numpy as np
 
 from hinm_jax import _structure
 from hinm_jax._tree import map_with_path
-from hinm_jax.masks import Mask, check_mask_shape, is_mask_leaf
+from hinm_jax.core import Layout, check_layout, is_concrete
+from hinm_jax.masks import check_mask_shape, is_mask_leaf, refuse_narrowed
 from hinm_jax.patterns import Pattern
 
 __all__ = ["SparseWeight", "compress", "metadata_bits", "pack_metadata", "unpack_metadata", "expand_values"]
@@ -89,10 +91,6 @@ def expand_values(values, positions, n: int, m: int):
     onehot = positions.reshape(lead + (j, n))[..., None] == jnp.arange(m, dtype=positions.dtype)
     tiles = jnp.sum(jnp.where(onehot, vals[..., None], jnp.zeros((), values.dtype)), axis=-2)
     return tiles.reshape(lead + (j * m,))
-
-
-def _concrete(*arrays) -> bool:
-    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
 @jax.tree_util.register_dataclass
@@ -176,15 +174,19 @@ class SparseWeight:
     # -- validation ------------------------------------------------------------------
     def validate(self, path: str = "w") -> "SparseWeight":
         """Checks that the arrays are a valid compressed weight of ``shape`` in ``pattern``;
-        raises a ``ValueError`` naming ``path``, the shape and the pattern, else returns
-        ``self``.
+        raises naming ``path``, the shape and the pattern (``TypeError`` for a ``pattern``
+        or ``stack_axes`` of the wrong type, else ``ValueError``), else returns ``self``.
 
         Always checked: the pattern has a compressed format and fits the matrix, and
         every array has the shape and dtype kind the format prescribes. Checked when the
-        arrays are concrete (skipped for tracers, i.e. under ``jax.jit``): every
+        arrays are concrete, including concrete arrays closed over by a function being
+        traced (skipped for tracers, i.e. for arrays computed or passed in under
+        ``jax.jit``): the layout's values (:func:`~hinm_jax.core.check_layout`: every
         ``vector_index`` entry is an input ``0 <= k < K`` and a block's entries are
-        distinct, ``row_perm`` is a permutation of ``0..O-1``, and the metadata holds
+        distinct, ``row_perm`` is a permutation of ``0..O-1``), and the metadata holds
         positions ``< m``, strictly ascending in each stripe, with zero padding bits.
+        :func:`compress`, eager :func:`~hinm_jax.sparse_matmul`,
+        :func:`~hinm_jax.pack_for` and :func:`hinm_jax.checkpoint.restore` call it.
 
         Example:
             >>> import jax, hinm_jax
@@ -212,36 +214,23 @@ class SparseWeight:
         stack = self.stack_shape
         bits = metadata_bits(m)
         words = -(-nnz // (32 // bits)) if bits else 0
-        want = {
-            "values": stack + (o, nnz),
-            "metadata": stack + (o, words),
-            "vector_index": stack + (o // v, kv),
-            "row_perm": stack + (o,),
-        }
-        for name, shape in want.items():
+        for name, shape in (("values", stack + (o, nnz)), ("metadata", stack + (o, words))):
             got = tuple(np.shape(getattr(self, name)))
             if got != shape:
                 raise ValueError(f"{where}: {name} has shape {got}, expected {shape}")
-        for name, kind in (("metadata", "u"), ("vector_index", "iu"), ("row_perm", "iu")):
-            dt = np.dtype(getattr(self, name).dtype)
-            if dt.kind not in kind:
-                raise ValueError(f"{where}: {name} has dtype {dt}, expected {'uint32' if kind == 'u' else 'int32'}")
+        if np.dtype(self.metadata.dtype) != np.uint32:
+            raise ValueError(f"{where}: metadata has dtype {self.metadata.dtype}, expected uint32")
         if not jnp.issubdtype(self.values.dtype, jnp.inexact):
             raise ValueError(f"{where}: values have dtype {self.values.dtype}, expected a floating dtype")
-        if not _concrete(self.metadata, self.vector_index, self.row_perm):
+        check_layout(Layout(self.row_perm, self.vector_index), self.pattern, self.shape, self.stack_axes, path)
+        if not is_concrete(self.metadata):
             return self
-        vi = np.asarray(self.vector_index).reshape(-1, kv)
-        if vi.size and (vi.min() < 0 or vi.max() >= k):
-            raise ValueError(f"{where}: vector_index has entries outside 0..{k - 1}")
-        if kv > 1 and np.any(np.diff(np.sort(vi, axis=-1), axis=-1) == 0):
-            raise ValueError(f"{where}: vector_index repeats an input inside a block")
-        rp = np.asarray(self.row_perm).reshape(-1, o)
-        if np.any(np.sort(rp, axis=-1) != np.arange(o)):
-            raise ValueError(f"{where}: row_perm is not a permutation of 0..{o - 1}")
-        pos = np.asarray(self.positions()).reshape(-1, o, nnz // n, n)
-        if np.any(pos >= m) or (n > 1 and np.any(np.diff(pos, axis=-1) <= 0)):
-            raise ValueError(f"{where}: metadata positions must be < m={m} and strictly ascending in each stripe")
-        if not np.array_equal(np.asarray(pack_metadata(jnp.asarray(pos.reshape(stack + (o, nnz))), m)), np.asarray(self.metadata)):
+        with jax.ensure_compile_time_eval():  # concrete arrays closed over by a trace
+            pos = np.asarray(self.positions()).reshape(-1, o, nnz // n, n)
+            if np.any(pos >= m) or (n > 1 and np.any(np.diff(pos, axis=-1) <= 0)):
+                raise ValueError(f"{where}: metadata positions must be < m={m} and strictly ascending in each stripe")
+            repacked = np.asarray(pack_metadata(jnp.asarray(pos.reshape(stack + (o, nnz))), m))
+        if not np.array_equal(repacked, np.asarray(self.metadata)):
             raise ValueError(f"{where}: metadata has bits set outside its {nnz} positions")
         return self
 
@@ -287,29 +276,26 @@ def _compress_matrix(w, mask, row_perm, vector_index, n, m):
 
 
 def _compress_leaf(path: str, w, mask) -> SparseWeight:
-    if not isinstance(mask, Mask):
-        raise TypeError(
-            f"{path}: shape={tuple(w.shape)}: expected a hinm_jax.Mask (from hinm_jax.prune) or None, "
-            f"got {type(mask).__name__}"
-        )
+    check_mask_shape(path, mask, w)
+    refuse_narrowed(path, w, "compress")
+    w = jnp.asarray(w)
     pattern = mask.pattern
     stack, k, o = _structure.matrix_shape(w.shape, mask.stack_axes)
     struct = pattern.structure(k, o)
-    if struct is None or mask.layout is None:
+    if struct is None:
         raise ValueError(
             f"{path}: shape={tuple(w.shape)} pattern {pattern}: this pattern has no compressed "
             "format (HiNM, NM and VectorWise do); keep it dense with apply_masks"
         )
-    check_mask_shape(path, mask, w)
     fn = lambda a, b, rp, vi: _compress_matrix(a, b, rp, vi, struct.n, struct.m)
     for _ in stack:
         fn = jax.vmap(fn)
     layout = mask.layout
-    vals, meta, per_stripe, outside = fn(
-        w.reshape(stack + (k, o)), mask.mask.reshape(stack + (k, o)), layout.row_perm, layout.vector_index
-    )
-    if _concrete(per_stripe, outside):
-        if bool(jnp.any(per_stripe != struct.n)) or bool(jnp.any(outside != 0)):
+    args = (w.reshape(stack + (k, o)), mask.mask.reshape(stack + (k, o)), layout.row_perm, layout.vector_index)
+    concrete = is_concrete(w, mask.mask, layout.row_perm, layout.vector_index)
+    with jax.ensure_compile_time_eval() if concrete else contextlib.nullcontext():
+        vals, meta, per_stripe, outside = fn(*args)
+        if concrete and (bool(jnp.any(per_stripe != struct.n)) or bool(jnp.any(outside != 0))):
             raise ValueError(
                 f"{path}: shape={tuple(w.shape)} pattern {pattern}: the mask does not follow its "
                 f"layout (every stripe must keep exactly n={struct.n} of m={struct.m}, and nothing "
@@ -329,13 +315,18 @@ def _compress_leaf(path: str, w, mask) -> SparseWeight:
 def compress(params, masks):
     """Compresses every pruned leaf of ``params`` into a :class:`SparseWeight`.
 
-    Leaves whose mask is ``None`` are returned unchanged. Every result is checked with
-    :meth:`SparseWeight.validate`, and the mask must follow its layout (every stripe
-    keeps exactly ``n`` of ``m``, nothing outside the vector index). Under ``jax.jit``
-    only the static checks run (pattern, shapes, dtypes); the checks that read array
-    contents (the mask follows its layout, ``vector_index`` ranges, ``row_perm`` is a
-    permutation, metadata) are skipped, so compress eagerly when the masks come from
-    elsewhere.
+    Leaves whose mask is ``None`` are returned unchanged. Every mask is checked
+    (:meth:`~hinm_jax.Mask.validate`, with :func:`~hinm_jax.core.check_layout`), it must
+    follow its layout (every stripe keeps exactly ``n`` of ``m``, nothing outside the
+    vector index), and every result is checked with :meth:`SparseWeight.validate`. On
+    concrete arrays (eagerly, or closed over by a traced function) every check runs.
+    On arrays traced under ``jax.jit`` only the static checks run (types, pattern fit,
+    shapes, dtypes); these are skipped there: the mask follows its layout, ``row_perm``
+    is a permutation, ``vector_index`` entries are distinct and in range, and the
+    metadata positions; a damaged layout then gives a wrong result with no error, so
+    compress eagerly when the masks come from elsewhere. A numpy float64 / complex128
+    leaf with ``jax_enable_x64`` off raises a ``TypeError`` (its dtype is never narrowed
+    silently).
 
     Args:
       params: a parameter pytree.
@@ -355,6 +346,6 @@ def compress(params, masks):
     def one(path, mask, w):
         if mask is None:
             return w
-        return _compress_leaf(path, jnp.asarray(w), mask)
+        return _compress_leaf(path, w, mask)
 
     return map_with_path(one, masks, params, is_leaf=is_mask_leaf, what="masks")

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hinm_jax import core
-from hinm_jax._tree import map_with_path, path_str
-from hinm_jax.core import Layout, mask_from_layout, matrix_mask
+from hinm_jax._tree import flatten_with_paths, map_with_path
+from hinm_jax.core import Layout, check_layout, mask_from_layout, matrix_mask
 from hinm_jax.patterns import Pattern, as_pattern
 
 __all__ = [
@@ -70,6 +70,48 @@ class Mask:
     def density(self):
         """Fraction of the leaf kept."""
         return jnp.mean(self.mask.astype(jnp.float32))
+
+    def validate(self, path: str = "mask") -> "Mask":
+        """Checks that this is a consistent mask; raises naming ``path``, the shape and the
+        pattern, else returns ``self``.
+
+        Checked: ``pattern`` is a :class:`~hinm_jax.patterns.Pattern` and ``stack_axes`` an
+        int leaving 2 axes (``TypeError`` otherwise), ``mask`` is a bool array whose matrix
+        fits the pattern, a block pattern has a layout (checked with
+        :func:`~hinm_jax.core.check_layout`, whose value checks run on concrete arrays
+        only) and other patterns none. A mask need not keep exactly ``n`` of every ``m``
+        (gradual sparsity keeps more); :func:`hinm_jax.compress` checks that.
+
+        Example:
+            >>> import jax.numpy as jnp, hinm_jax
+            >>> m = hinm_jax.prune({"w": jnp.ones((8, 4))}, "2:4")["w"]
+            >>> m.validate("w") is m
+            True
+        """
+        shape = tuple(np.shape(self.mask))
+        where = f"{path}: shape={shape} pattern {self.pattern}"
+        if not isinstance(self.pattern, Pattern):
+            raise TypeError(f"{where}: pattern must be a hinm_jax Pattern, got {type(self.pattern).__name__}")
+        sa = self.stack_axes
+        if not isinstance(sa, (int, np.integer)) or isinstance(sa, bool):
+            raise TypeError(f"{where}: stack_axes={sa!r}: expected an int")
+        if not 0 <= sa <= len(shape) - 2:
+            raise ValueError(f"{where}: stack_axes={sa!r}: expected an int leaving at least 2 axes")
+        dtype = getattr(self.mask, "dtype", None)
+        if dtype != jnp.bool_:
+            raise ValueError(f"{where}: mask has dtype {dtype}, expected bool (a hinm_jax.Mask from prune)")
+        _, k, o = core.matrix_shape(shape, sa)
+        err = self.pattern.fit_error(k, o)
+        if err is not None:
+            raise ValueError(f"{where}: does not fit: {err}")
+        if self.pattern.structure(k, o) is None:
+            if self.layout is not None:
+                raise ValueError(f"{where}: has a layout, but this pattern has no block structure")
+            return self
+        if self.layout is None:
+            raise ValueError(f"{where}: has no layout, but this pattern has a block structure")
+        check_layout(self.layout, self.pattern, shape, sa, path)
+        return self
 
 
 def is_mask_leaf(x) -> bool:
@@ -173,13 +215,13 @@ def leaf_scores(params, score, wanted: Callable[[str], bool]) -> dict:
         >>> leaf_scores({"w": jnp.array([[-2.0]])}, None, lambda p: True)["w"].tolist()
         [[2.0]]
     """
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves = flatten_with_paths(params)
     if score is not None and not callable(score):
         map_with_path(lambda *_: None, params, score, what="score")  # names the first path that differs
-        given = treedef.flatten_up_to(score)
+        given = jax.tree_util.tree_structure(params).flatten_up_to(score)
     else:
         given = [None] * len(leaves)
-    items = [(path_str(p), leaf, s) for (p, leaf), s in zip(leaves, given)]
+    items = [(path, leaf, s) for (path, leaf), s in zip(leaves, given)]
     out = {}
     for path, leaf, s in items:
         if not wanted(path):
@@ -241,7 +283,9 @@ def prune(
       score: importance, default ``|W|``: a pytree like ``params`` or a function
         ``(path, leaf) -> array`` (see :func:`leaf_scores`).
       where: a predicate ``(path, leaf) -> bool`` or a path regex choosing the leaves
-        to prune (paths look like ``"encoder/layer_0/query/kernel"``). A chosen leaf that
+        to prune (paths look like ``"encoder/layer_0/query/kernel"``: the keys joined by
+        ``"/"``, a ``"/"`` inside a key kept as is; two leaves with the same path raise a
+        ``ValueError`` naming both). A chosen leaf that
         does not fit raises. By default every floating leaf with >= 2 axes that fits the
         pattern is pruned, except embedding tables (see :func:`summary` for what was
         skipped and why).
@@ -292,13 +336,12 @@ def prune(
 
 
 def _flat_with_path(tree):
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_mask_leaf)[0]
-    return [(path_str(p), x) for p, x in leaves]
+    return flatten_with_paths(tree, is_leaf=is_mask_leaf)
 
 
 def named_leaves(tree) -> dict:
     """``{path: leaf}`` of a params or masks pytree (a :class:`Mask` or ``None`` counts as
-    one leaf), with the paths :func:`prune` uses.
+    one leaf), with the paths :func:`prune` uses (two leaves with the same path raise).
 
     Example:
         >>> import jax.numpy as jnp, hinm_jax
@@ -312,6 +355,9 @@ def named_leaves(tree) -> dict:
 def apply_masks(params, masks):
     """``params`` with every masked leaf multiplied by its mask (others unchanged).
 
+    A leaf keeps its dtype: a numpy float64 / complex128 leaf with ``jax_enable_x64`` off
+    is masked with numpy (eagerly; under ``jax.jit`` it raises a ``TypeError``).
+
     Example:
         >>> import jax, hinm_jax
         >>> params = {"w": jax.random.normal(jax.random.key(0), (64, 32))}
@@ -320,7 +366,14 @@ def apply_masks(params, masks):
         0.5
     """
 
-    return map_masked(lambda w, mask: jnp.where(mask, w, jnp.zeros((), w.dtype)), params, masks)
+    def one(path, w, mask):
+        if narrowed_by_jax(w):
+            if not core.is_concrete(mask):
+                refuse_narrowed(path, w, "apply_masks under jax.jit")
+            return np.where(np.asarray(mask), w, np.zeros((), w.dtype))  # keeps float64 / complex128
+        return jnp.where(mask, w, jnp.zeros((), w.dtype))
+
+    return map_masked(one, params, masks, with_path=True)
 
 
 @jax.custom_jvp
@@ -360,26 +413,55 @@ def ste_apply(params, masks):
         >>> g["w"].tolist()  # every entry, pruned or not
         [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
     """
-    return map_masked(_ste, params, masks)
+
+    def one(path, w, mask):
+        refuse_narrowed(path, w, "ste_apply")
+        return _ste(w, mask)
+
+    return map_masked(one, params, masks, with_path=True)
 
 
-def check_mask_shape(path: str, mask: Mask, w) -> None:
-    """Raises a ``ValueError`` naming ``path`` when ``mask`` does not fit leaf ``w``."""
-    if tuple(mask.mask.shape) != tuple(w.shape):
-        raise ValueError(
-            f"{path}: shape={tuple(w.shape)} but its mask ({mask.pattern}) has shape {tuple(mask.mask.shape)}"
+def narrowed_by_jax(w) -> bool:
+    """``True`` for a numpy leaf whose dtype jax would narrow (float64 or complex128 with
+    ``jax_enable_x64`` off, as :func:`hinm_jax.interop.from_torch` hands them over)."""
+    return isinstance(w, (np.ndarray, np.generic)) and jax.dtypes.canonicalize_dtype(w.dtype) != w.dtype
+
+
+def refuse_narrowed(path: str, w, what: str) -> None:
+    """Raises a ``TypeError`` naming ``path`` when jax would silently narrow leaf ``w``."""
+    if narrowed_by_jax(w):
+        raise TypeError(
+            f"{path}: shape={tuple(w.shape)} dtype {w.dtype}: {what} would compute it in "
+            f"{jax.dtypes.canonicalize_dtype(w.dtype)} (jax_enable_x64 is off); enable x64 "
+            "(jax.config.update('jax_enable_x64', True)) or cast the leaf yourself"
         )
 
 
-def map_masked(fn, params, masks):
-    """``fn(w, mask)`` on every masked leaf (``mask`` the bool array), other leaves
-    unchanged; a mask whose shape differs from its leaf raises, naming the path."""
+def check_mask_shape(path: str, mask, w) -> None:
+    """Checks the mask of leaf ``w`` (a ``TypeError`` when it is not a :class:`Mask`, else
+    :meth:`Mask.validate`) and that it has ``w``'s shape (``ValueError``), naming ``path``."""
+    if not isinstance(mask, Mask):
+        raise TypeError(
+            f"{path}: shape={tuple(np.shape(w))}: expected a hinm_jax.Mask (from hinm_jax.prune) or None, "
+            f"got {type(mask).__name__}"
+        )
+    if tuple(np.shape(mask.mask)) != tuple(np.shape(w)):
+        raise ValueError(
+            f"{path}: shape={tuple(np.shape(w))} but its mask ({mask.pattern}) has shape {tuple(np.shape(mask.mask))}"
+        )
+    mask.validate(path)
+
+
+def map_masked(fn, params, masks, with_path: bool = False):
+    """``fn(w, mask)`` (``fn(path, w, mask)`` ``with_path``) on every masked leaf (``mask``
+    the bool array), other leaves unchanged; each mask is checked with
+    :func:`check_mask_shape`, naming the path."""
 
     def one(path, mask, w):
         if mask is None:
             return w
         check_mask_shape(path, mask, w)
-        return fn(w, mask.mask)
+        return fn(path, w, mask.mask) if with_path else fn(w, mask.mask)
 
     return map_with_path(one, masks, params, is_leaf=is_mask_leaf, what="masks")
 

@@ -34,8 +34,10 @@ import importlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hinm_jax import _xla
+from hinm_jax._tree import map_with_path
 from hinm_jax.format import SparseWeight
 
 __all__ = [
@@ -97,6 +99,8 @@ def default_implementation() -> str:
 def pack_for(params, implementation: str | None = None):
     """Adds a backend's packed copy to every :class:`~hinm_jax.format.SparseWeight` in
     ``params``, once, so that :func:`sparse_matmul` does not repack on every call.
+    Every weight is checked first (:meth:`~hinm_jax.format.SparseWeight.validate`, all
+    checks on concrete arrays), naming its path.
 
     Args:
       params: a pytree holding :class:`~hinm_jax.format.SparseWeight` leaves (e.g. the
@@ -109,21 +113,25 @@ def pack_for(params, implementation: str | None = None):
     """
     if implementation is None:
         implementation = default_implementation()
-    if implementation == "xla":
-        return params
-    mod = backend_module(implementation)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation={implementation!r}: expected one of {IMPLEMENTATIONS}")
+    mod = None if implementation == "xla" else backend_module(implementation)
 
-    def one(leaf):
+    def one(path, leaf):
         if not isinstance(leaf, SparseWeight):
+            return leaf
+        leaf.validate(path or "w")
+        if mod is None:
             return leaf
         return dataclasses.replace(leaf, packed=mod.pack(leaf), packed_for=implementation)
 
-    return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, SparseWeight))
+    return map_with_path(one, params, is_leaf=lambda x: isinstance(x, SparseWeight))
 
 
-def _check(x, w) -> None:
+def _check(x, w, bias) -> None:
     if not isinstance(w, SparseWeight):
         raise ValueError(f"w: expected a SparseWeight (from hinm_jax.compress), got {type(w).__name__}")
+    w.validate("w")
     if w.stack_axes:
         raise ValueError(
             f"w: shape={w.shape} pattern {w.pattern} has stack_axes={w.stack_axes}: sparse_matmul "
@@ -133,6 +141,11 @@ def _check(x, w) -> None:
     if x.ndim < 1 or x.shape[-1] != k:
         raise ValueError(
             f"x: shape={tuple(x.shape)} does not match w: shape={w.shape} (K={k}, O={o}) pattern {w.pattern}"
+        )
+    if bias is not None and tuple(np.shape(bias)) != (o,):
+        raise ValueError(
+            f"bias: shape={tuple(np.shape(bias))} does not match w: shape={w.shape} (O={o}) pattern "
+            f"{w.pattern}: expected ({o},)"
         )
 
 
@@ -150,11 +163,21 @@ def sparse_matmul(x, w: SparseWeight, *, bias=None, implementation: str | None =
     Returns:
       ``(..., O)`` in ``x``'s dtype (promoted with ``w``'s); fp16/bf16 accumulate in fp32.
 
+    Raises:
+      ValueError: ``w`` is not a :class:`~hinm_jax.format.SparseWeight`, ``x`` or
+        ``bias`` does not match ``w``, or ``w`` is broken. ``w`` is
+        checked with :meth:`~hinm_jax.format.SparseWeight.validate` on every call: on
+        concrete arrays (eagerly, or closed over by a traced function) every check runs
+        and a damaged weight never gives a wrong product; on arrays traced under
+        ``jax.jit`` only shapes and dtypes are checked (``row_perm`` being a
+        permutation, ``vector_index`` ranges and distinctness, and the metadata
+        positions are not).
+
     Example:
         >>> y = hinm_jax.sparse_matmul(jnp.ones((2, 3, 256)), sw)  # doctest: +SKIP
     """
     x = jnp.asarray(x)
-    _check(x, w)
+    _check(x, w, bias)
     k, o = w.matrix_shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)

@@ -24,8 +24,9 @@ searches layouts that keep more importance than the paper's rule with identity `
   the input-vector search then runs on the blocks found, and a last exact assignment
   moves channels to the searched layouts that suit them best.
 
-NM patterns have one block, so only the input order is searched (``"ivp"``, ``"2cp"``);
-VectorWise has no N:M step, so only the output channels (``"ocp"``, ``"2cp"``).
+NM patterns (and any matrix with ``O == V``) have one block, so only the input order is
+searched (``"ivp"``, ``"2cp"``; ``"ocp"`` raises); VectorWise has no N:M step, so only
+the output channels (``"ocp"``, ``"2cp"``; ``"ivp"`` raises).
 Unstructured and HSS patterns have no layout to search.
 
 Measure a layout with :func:`efficacy` (SPEC's definition): ``0`` is the paper's rule,
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 import time
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -52,8 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hinm_jax import _permute_ivp, _permute_ocp, _structure
-from hinm_jax.core import Layout, mask_from_layout, matrix_mask
-from hinm_jax.patterns import NM, BlockStructure, Pattern, VectorWise, as_pattern
+from hinm_jax.core import Layout, check_layout, mask_from_layout, matrix_mask
+from hinm_jax.patterns import BlockStructure, Pattern, VectorWise, as_pattern
 
 __all__ = ["METHODS", "Budget", "search", "search_tree", "efficacy", "kept", "planted"]
 
@@ -107,18 +109,28 @@ class Budget:
     batch: int = 1
 
     def __post_init__(self):
-        for name in ("ocp_cycles", "ocp_descent", "ivp_rounds", "ivp_unused", "ivp_kicks"):
+        for name, low in (*((f, 0) for f in _COUNTS_FROM_0), *((f, 1) for f in _COUNTS_FROM_1)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name}={value!r}: must be an int >= 0")
-        for name in ("ocp_subset", "ocp_group", "ivp_group", "ivp_patience", "batch"):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise TypeError(f"Budget: {name}={value!r}: must be an int >= {low}, got {type(value).__name__}")
+            if value < low:
+                raise ValueError(f"Budget: {name}={value!r}: must be an int >= {low}")
+        for name in ("ocp_perturb", "time_limit"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r}: must be an int >= 1")
+            if value is None and name == "time_limit":
+                continue
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise TypeError(f"Budget: {name}={value!r}: must be a number, got {type(value).__name__}")
         if not (0.0 <= self.ocp_perturb <= 1.0):
-            raise ValueError(f"ocp_perturb={self.ocp_perturb!r}: must be in [0, 1]")
+            raise ValueError(f"Budget: ocp_perturb={self.ocp_perturb!r}: must be in [0, 1]")
         if self.time_limit is not None and not self.time_limit > 0:
-            raise ValueError(f"time_limit={self.time_limit!r}: must be > 0 seconds or None")
+            raise ValueError(f"Budget: time_limit={self.time_limit!r}: must be > 0 seconds or None")
+        if not isinstance(self.scale, bool):
+            raise TypeError(f"Budget: scale={self.scale!r}: must be True or False, got {type(self.scale).__name__}")
+
+
+_COUNTS_FROM_0 = ("ocp_cycles", "ocp_descent", "ivp_rounds", "ivp_unused", "ivp_kicks")
+_COUNTS_FROM_1 = ("ocp_subset", "ocp_group", "ivp_group", "ivp_patience", "batch")
 
 
 class _Plan(NamedTuple):
@@ -144,14 +156,18 @@ def _plan(pattern: Pattern, method: str, shape, k: int, o: int, path: str) -> _P
             "stripes to permute); use permute=None"
         )
     v, kv, n, m = struct
-    no_blocks = isinstance(pattern, NM) or (v == o and kv == k)
+    no_blocks = o // v == 1
     no_stripes = isinstance(pattern, VectorWise) or n >= m
     if no_blocks and no_stripes:
-        raise ValueError(f"{where}: keeps everything; there is nothing to permute")
+        raise ValueError(
+            f"{where}: has a single block of vector_size={v} and no N:M step; there is nothing to "
+            "permute (the best block sums are already optimal)"
+        )
     if no_blocks and method == "ocp":
         raise ValueError(
-            f"{where}: method='ocp' moves output channels between blocks, but this pattern has a "
-            "single block; use 'ivp' (the N:M input order) or '2cp'"
+            f"{where}: method='ocp' moves output channels between blocks, but this matrix has a "
+            f"single block (O={o}, vector_size={v}); use 'ivp' (the N:M input order), '2cp', or a "
+            "smaller vector_size"
         )
     if no_stripes and method == "ivp":
         raise ValueError(
@@ -483,7 +499,8 @@ def efficacy(score, pattern, layout: Layout) -> float:
     Args:
       score: ``(K, O)`` importance, or ``(*stack, K, O)`` with a stacked ``layout``.
       pattern: the block pattern (or its string form).
-      layout: the :class:`~hinm_jax.core.Layout` to measure.
+      layout: the :class:`~hinm_jax.core.Layout` to measure (checked with
+        :func:`~hinm_jax.core.check_layout`: a broken one raises).
 
     Example:
         >>> import jax, hinm_jax
@@ -501,14 +518,9 @@ def efficacy(score, pattern, layout: Layout) -> float:
     if struct is None:
         raise ValueError(f"score: shape={tuple(score.shape)} pattern {pattern}: efficacy needs a block pattern")
     stack = score.shape[:-2]
+    check_layout(layout, pattern, score.shape, len(stack), "layout")
     row_perm = jnp.asarray(layout.row_perm, jnp.int32)
     vector_index = jnp.asarray(layout.vector_index, jnp.int32)
-    if row_perm.shape != stack + (o,) or vector_index.shape != stack + (o // struct.vector_size, struct.kept_inputs):
-        raise ValueError(
-            f"score: shape={tuple(score.shape)} pattern {pattern}: layout shapes {tuple(row_perm.shape)}, "
-            f"{tuple(vector_index.shape)} do not match {stack + (o,)}, "
-            f"{stack + (o // struct.vector_size, struct.kept_inputs)}"
-        )
     count = round(pattern.density(k, o) * k)
     sums = _efficacy_sums(
         score.reshape((-1, k, o)),

@@ -40,7 +40,7 @@ import numpy as np
 
 from hinm_jax import _capture
 from hinm_jax._tree import map_with_path
-from hinm_jax.masks import check_mask_shape, named_leaves
+from hinm_jax.masks import check_mask_shape, is_mask_leaf, named_leaves
 
 __all__ = ["reconstruct", "solve", "call_order"]
 
@@ -242,7 +242,8 @@ def reconstruct(
       ``params`` with the masked kernels (zero where pruned) and their biases replaced.
 
     Raises:
-      ValueError: a masked leaf that is not a called dense kernel, a bad ``target``.
+      ValueError: ``masks`` not shaped like ``params`` (naming the first path that
+        differs), a masked leaf that is not a called dense kernel, a bad ``target``.
     """
     if target not in ("dense", "self"):
         raise ValueError(f"reconstruct: {target=} must be 'dense' or 'self'")
@@ -251,9 +252,15 @@ def reconstruct(
         raise ValueError("batches: no calibration batch given")
     run = _runner(model, variables, call)
     leaves = named_leaves(params)
-    masked = {p: m for p, m in named_leaves(masks).items() if m is not None}
+    masked = {}
+
+    def note(path, m, w):
+        if m is not None:
+            check_mask_shape(path, m, w)
+            masked[path] = m
+
+    map_with_path(note, masks, params, is_leaf=is_mask_leaf, what="masks")  # the same structure as params
     for path, m in masked.items():
-        check_mask_shape(path, m, leaves[path])
         if leaves[path].ndim != 2 or m.stack_axes:
             raise ValueError(f"{path}: shape={tuple(leaves[path].shape)} pattern={m.pattern}: reconstruct refits 2-d Dense kernels only")
     order = call_order(model, params, batches[0], variables=variables, call=call)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from hinm_jax._tree import map_with_path
@@ -78,7 +80,7 @@ def sparsify(
         lam = SR_STE_LAMBDA
     elif sr_ste is False or sr_ste is None:
         lam = 0.0
-    elif isinstance(sr_ste, (int, float)):
+    elif isinstance(sr_ste, numbers.Real):
         lam = float(sr_ste)
         if not (math.isfinite(lam) and lam >= 0):
             raise ValueError(f"sr_ste={sr_ste!r}: λ must be a finite number >= 0")
@@ -115,6 +117,7 @@ def sparsify(
         if params is None and (lam or refresh_every):
             raise ValueError("sparsify: update(updates, state, params) needs params for SR-STE and mask refresh")
         current = state.masks
+        map_with_path(_check_grad, current, updates, is_leaf=is_mask_leaf, what="masks")
         if lam:
             updates = map_with_path(
                 lambda path, mk, g, w: g if mk is None else _sr_ste(g, mk.mask, w, lam),
@@ -158,6 +161,14 @@ def _checked(path, mask, w):
     if mask is not None:
         check_mask_shape(path, mask, w)
     return mask
+
+
+def _check_grad(path, mask, g):
+    if mask is not None and tuple(np.shape(g)) != tuple(np.shape(mask.mask)):
+        raise ValueError(
+            f"{path}: shape={tuple(np.shape(mask.mask))} pattern {mask.pattern}: its gradient has shape "
+            f"{tuple(np.shape(g))} (update(grads, state, params) takes gradients shaped like params)"
+        )
 
 
 def _sr_ste(g, mask, w, lam):
