@@ -82,7 +82,9 @@ def is_concrete(*arrays) -> bool:
     return not any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
-def check_layout(layout, pattern: Pattern, shape, stack_axes: int = 0, path: str = "layout") -> Layout:
+def check_layout(
+    layout, pattern: Pattern, shape, stack_axes: int = 0, path: str = "layout", prefix: str = "layout "
+) -> Layout:
     """The one check of a :class:`Layout` for a leaf of ``shape`` in ``pattern``.
 
     Always checked: ``layout`` is a :class:`Layout`, the pattern has a block structure and
@@ -98,6 +100,8 @@ def check_layout(layout, pattern: Pattern, shape, stack_axes: int = 0, path: str
       shape: the leaf's shape.
       stack_axes: leading axes of independent matrices.
       path: the leaf's path, for the messages.
+      prefix: what the messages put before ``row_perm`` / ``vector_index`` (``""`` for
+        a :class:`~hinm_jax.format.SparseWeight`, whose own fields they are).
 
     Returns:
       ``layout``.
@@ -131,22 +135,22 @@ def check_layout(layout, pattern: Pattern, shape, stack_axes: int = 0, path: str
     for name, a, want in (("row_perm", rp, stack + (o,)), ("vector_index", vi, stack + (o // v, kv))):
         if tuple(np.shape(a)) != want:
             raise ValueError(
-                f"{where}: {name} has shape {tuple(np.shape(a))}, expected {want} (layout shapes follow "
+                f"{where}: {prefix}{name} has shape {tuple(np.shape(a))}, expected {want} (layout shapes follow "
                 "the leaf and its pattern)"
             )
         dt = np.dtype(a.dtype) if hasattr(a, "dtype") else np.asarray(a).dtype
         if dt.kind not in "iu":
-            raise ValueError(f"{where}: {name} has dtype {dt}, expected int32")
+            raise ValueError(f"{where}: {prefix}{name} has dtype {dt}, expected int32")
     if not is_concrete(rp, vi):
         return layout
     rp = np.asarray(rp).reshape(-1, o)
     if np.any(np.sort(rp, axis=-1) != np.arange(o)):
-        raise ValueError(f"{where}: row_perm is not a permutation of 0..{o - 1}")
+        raise ValueError(f"{where}: {prefix}row_perm is not a permutation of 0..{o - 1}")
     vi = np.asarray(vi).reshape(-1, kv)
     if vi.size and (vi.min() < 0 or vi.max() >= k):
-        raise ValueError(f"{where}: vector_index has entries outside 0..{k - 1}")
+        raise ValueError(f"{where}: {prefix}vector_index has entries outside 0..{k - 1}")
     if kv > 1 and np.any(np.diff(np.sort(vi, axis=-1), axis=-1) == 0):
-        raise ValueError(f"{where}: vector_index repeats an input inside a block")
+        raise ValueError(f"{where}: {prefix}vector_index repeats an input inside a block")
     return layout
 
 

@@ -222,7 +222,7 @@ class SparseWeight:
             raise ValueError(f"{where}: metadata has dtype {self.metadata.dtype}, expected uint32")
         if not jnp.issubdtype(self.values.dtype, jnp.inexact):
             raise ValueError(f"{where}: values have dtype {self.values.dtype}, expected a floating dtype")
-        check_layout(Layout(self.row_perm, self.vector_index), self.pattern, self.shape, self.stack_axes, path)
+        check_layout(Layout(self.row_perm, self.vector_index), self.pattern, self.shape, self.stack_axes, path, "")
         if not is_concrete(self.metadata):
             return self
         with jax.ensure_compile_time_eval():  # concrete arrays closed over by a trace

@@ -307,7 +307,7 @@ def test_damaged_layouts_never_compress_to_a_wrong_weight(field, i, j, value):
 def test_layout_check_is_shared():
     w, mask = _pruned()
     bad = Layout(mask.layout.row_perm.at[0].set(1), mask.layout.vector_index)
-    with pytest.raises(ValueError, match=re.escape("enc/q: shape=(32, 32) pattern hinm:8:0.5:2:4: row_perm")):
+    with pytest.raises(ValueError, match=re.escape("enc/q: shape=(32, 32) pattern hinm:8:0.5:2:4: layout row_perm")):
         check_layout(bad, PATTERN, (32, 32), path="enc/q")
     with pytest.raises(TypeError, match="layout must be a hinm_jax.core.Layout, got tuple"):
         check_layout(tuple(bad.__dict__.values()), PATTERN, (32, 32))
@@ -363,7 +363,7 @@ def test_reconstruct_refuses_masks_of_another_structure():
 def test_efficacy_stack_axes_and_single_block_ocp():
     w, mask = _pruned()
     score = jnp.abs(w)
-    with pytest.raises(ValueError, match=re.escape("layout: shape=(32, 32) pattern hinm:8:0.5:2:4: row_perm is not")):
+    with pytest.raises(ValueError, match=re.escape("layout: shape=(32, 32) pattern hinm:8:0.5:2:4: layout row_perm is not")):
         permute.efficacy(score, PATTERN, Layout(jnp.zeros(32, jnp.int32), mask.layout.vector_index))
     for bad in (1.7, "1", True):
         with pytest.raises(TypeError, match=re.escape(f"w: stack_axes={bad!r}: expected an int")):
