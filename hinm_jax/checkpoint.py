@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hinm_jax.core import Layout, matrix_shape
+from hinm_jax.core import Layout
 from hinm_jax.format import SparseWeight
 from hinm_jax.masks import Mask
 from hinm_jax.patterns import Pattern, parse_pattern
@@ -230,45 +230,6 @@ def _file_sha256(path: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def _check_mask(m: Mask, path: str) -> Mask:
-    """Raises a ``ValueError`` naming ``path`` unless ``m`` is a consistent mask: bool,
-    fitting its pattern, and (block patterns) a layout of the right shapes whose
-    ``row_perm`` is a permutation and whose ``vector_index`` holds distinct inputs in
-    range per block."""
-    shape = tuple(m.mask.shape)
-    where = f"{path}: shape={shape} pattern {m.pattern}"
-    if m.mask.dtype != bool:
-        raise ValueError(f"{where}: mask has dtype {m.mask.dtype}, expected bool")
-    if not isinstance(m.stack_axes, int) or isinstance(m.stack_axes, bool) or not 0 <= m.stack_axes <= len(shape) - 2:
-        raise ValueError(f"{where}: stack_axes={m.stack_axes!r}: expected an int leaving at least 2 axes")
-    stack, k, o = matrix_shape(shape, m.stack_axes)
-    err = m.pattern.fit_error(k, o)
-    if err is not None:
-        raise ValueError(f"{where}: does not fit: {err}")
-    struct = m.pattern.structure(k, o)
-    if struct is None:
-        if m.layout is not None:
-            raise ValueError(f"{where}: has a layout, but this pattern has no block structure")
-        return m
-    if m.layout is None:
-        raise ValueError(f"{where}: has no layout, but this pattern has a block structure")
-    v, kv, _, _ = struct
-    rp, vi = np.asarray(m.layout.row_perm), np.asarray(m.layout.vector_index)
-    for name, a, want in (("row_perm", rp, stack + (o,)), ("vector_index", vi, stack + (o // v, kv))):
-        if a.shape != want:
-            raise ValueError(f"{where}: layout {name} has shape {a.shape}, expected {want}")
-        if a.dtype.kind not in "iu":
-            raise ValueError(f"{where}: layout {name} has dtype {a.dtype}, expected int32")
-    if np.any(np.sort(rp.reshape(-1, o), axis=-1) != np.arange(o)):
-        raise ValueError(f"{where}: layout row_perm is not a permutation of 0..{o - 1}")
-    vi = vi.reshape(-1, kv)
-    if vi.size and (vi.min() < 0 or vi.max() >= k):
-        raise ValueError(f"{where}: layout vector_index has entries outside 0..{k - 1}")
-    if kv > 1 and np.any(np.diff(np.sort(vi, axis=-1), axis=-1) == 0):
-        raise ValueError(f"{where}: layout vector_index repeats an input inside a block")
-    return m
-
-
 # ---------------------------------------------------------------------------------------
 # Decoding (every error names the tree path)
 # ---------------------------------------------------------------------------------------
@@ -336,7 +297,7 @@ def _decode(spec: dict, arrays: Mapping[str, Any], path: str = ""):
                     _decode(lay["vector_index"], arrays, f"{path}/vector_index"),
                 )
             mask = Mask(_decode(spec["mask"], arrays, f"{path}/mask"), layout, _pattern(spec, name), spec["stack_axes"])
-            return _check_mask(mask, name)
+            return mask.validate(name)
         if t == "variable":
             var = _variable_class(spec["class"], name)(_decode(spec["value"], arrays, path))
             if spec["metadata"]:

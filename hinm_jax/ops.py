@@ -130,7 +130,7 @@ def pack_for(params, implementation: str | None = None):
 
 def _check(x, w, bias) -> None:
     if not isinstance(w, SparseWeight):
-        raise ValueError(f"w: expected a SparseWeight (from hinm_jax.compress), got {type(w).__name__}")
+        raise TypeError(f"w: expected a SparseWeight (from hinm_jax.compress), got {type(w).__name__}")
     w.validate("w")
     if w.stack_axes:
         raise ValueError(

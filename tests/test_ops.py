@@ -151,7 +151,7 @@ def test_bad_inputs():
         hinm_jax.sparse_matmul(jnp.ones((3, 32)), sw)
     with pytest.raises(ValueError, match="implementation='tpu'"):
         hinm_jax.sparse_matmul(jnp.ones((3, 64)), sw, implementation="tpu")
-    with pytest.raises(ValueError, match="expected a SparseWeight"):
+    with pytest.raises(TypeError, match="expected a SparseWeight"):
         hinm_jax.sparse_matmul(jnp.ones((3, 64)), jnp.ones((64, 64)))
     w = jax.random.normal(jax.random.key(0), (2, 64, 32))
     stacked = hinm_jax.compress({"w": w}, hinm_jax.prune({"w": w}, "2:4", stack_axes=1))["w"]
