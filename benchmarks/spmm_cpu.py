@@ -11,8 +11,10 @@ Per (K, O, T), pattern and dtype it prints the median time of a dense ``x @ W`` 
 with ``pack_for``) and of ``implementation="xla"`` (the pure-jnp reference; skipped where
 its gathered activations would exceed ``--xla-max-mb``), and the ratios dense / sparse
 (> 1: sparse is faster). All of a cell's functions run interleaved, round-robin, so a
-machine busy with other work slows them alike; the instruction set of the built kernel and
-the load average are printed before and after.
+machine busy with other work slows them alike; each turn is one call, which finds the caches
+as the other functions left them, as a layer of a model finds them (``--burst S`` times bursts
+of back-to-back calls instead: warm caches). The instruction set of the built kernel and the
+load average are printed before and after.
 
 For each HiNM cell it also prints the two limits of a kernel that skips the pruned
 weights: ``fma`` = dense multiply-adds / sparse multiply-adds (1 / density) and ``bytes``
@@ -97,14 +99,14 @@ def grid(args) -> dict:
                     nb, kv = sw.vector_index.shape
                     if not args.no_xla and t * nb * kv * 4 <= args.xla_max_mb * 2**20:
                         fns["xla"] = lambda: xla_mm(x, sw)
-                    res = interleaved(fns, repeats=args.repeats)
+                    res = interleaved(fns, repeats=args.repeats, burst_seconds=args.burst)
                     r_cpu = res["dense"] / res["cpu"]
                     ratios.setdefault((dtype, spec), []).append(r_cpu)
-                    xla = f"{res['xla'] * 1e3:8.2f} {res['dense'] / res['xla']:6.2f}" if "xla" in res else f"{'-':>8} {'-':>6}"
+                    xla_ms, xla_x = (f"{res['xla'] * 1e3:8.2f}", f"{res['dense'] / res['xla']:6.2f}") if "xla" in res else (f"{'-':>8}", f"{'-':>6}")
                     lim = f"{fma:7.2f} {byt:8.2f}" if spec.startswith("hinm") else f"{'':>7} {'':>8}"
                     print(
                         f"{dtype:<8} {spec:<16} {k:>5} {o:>6} {t:>5} {res['dense'] * 1e3:9.3f} {res['cpu'] * 1e3:8.3f} "
-                        f"{xla} {r_cpu:6.2f} {lim}",
+                        f"{xla_ms} {r_cpu:6.2f} {xla_x} {lim}",
                         flush=True,
                     )
     print("\n# dense / cpu: geometric mean and worst cell per pattern and dtype")
@@ -125,7 +127,8 @@ def modes(args) -> None:
                 w = jax.random.normal(jax.random.key(0), (k, o), dt)
                 sw = hinm_jax.compress({"w": w}, hinm_jax.prune({"w": w}, spec))["w"]
                 packed = hinm_jax.pack_for(sw, "cpu").packed
-                dense_mm = jax.jit(lambda x: x @ sw.densify())
+                wd = sw.densify()
+                dense_mm = jax.jit(lambda x, w: x @ w)
                 fns = {
                     mode: jax.jit(
                         lambda x, mode=mode: cpu_ffi.spmm(
@@ -137,8 +140,9 @@ def modes(args) -> None:
                 for t in args.tokens:
                     x = jax.random.normal(jax.random.key(t), (t, k), dt)
                     res = interleaved(
-                        {"dense": lambda: dense_mm(x), **{m: (lambda f=f: f(x)) for m, f in fns.items()}},
+                        {"dense": lambda: dense_mm(x, wd), **{m: (lambda f=f: f(x)) for m, f in fns.items()}},
                         repeats=args.repeats,
+                        burst_seconds=args.burst,
                     )
                     print(
                         f"{dtype:<8} {spec:<16} {k:>5} {o:>6} {t:>5} {res['dense'] * 1e3:9.3f} {res['rows'] * 1e3:8.3f} "
@@ -186,6 +190,9 @@ def minilm(args) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument(
+        "--burst", type=float, default=0.0, help="seconds of back-to-back calls per timed turn (default 0: one call, caches as the other functions left them)"
+    )
     ap.add_argument("--shapes", type=_shapes, default=SHAPES, help="KxO[,KxO...]")
     ap.add_argument("--tokens", type=lambda s: [int(t) for t in s.split(",")], default=TOKENS)
     ap.add_argument("--patterns", type=lambda s: s.split(","), default=PATTERNS)
