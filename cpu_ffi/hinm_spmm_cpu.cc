@@ -72,7 +72,7 @@ constexpr int kRows = 4;      // packed rows per register tile in mode 1
 constexpr int kChains = 8;    // independent accumulators in mode 0 (the FMA latency bounds a single chain)
 constexpr int kAhead = 16;    // panel rows prefetched ahead in mode 1
 constexpr int64_t kChunkBytes = 8 << 10;  // panel bytes per chunk of stripes in mode 1
-constexpr int64_t kL2Bytes = 4 << 20;     // compressed weights re-read per token tile when below (L3-resident)
+constexpr double kSuperBytes = 2 << 20;   // mode 1: weight bytes and x^T bytes of one super-tile
 
 typedef float vf __attribute__((vector_size(4 * L)));
 typedef int32_t vi __attribute__((vector_size(4 * L)));
@@ -507,12 +507,23 @@ void run(const Problem& p, int64_t mode, Pool& pool) {
   });
   const int64_t gpu = groups_per_unit(p, threads, tiles, 4);
   const int64_t per_block = (p.groups + gpu - 1) / gpu;
-  // Tiles innermost when the compressed weight is larger than L2 (consecutive units share a
-  // block's values and positions), outermost when it fits (units share an x tile).
+  // Units in super-tiles: a group of pieces (about kSuperBytes of values and positions) times a
+  // group of token tiles (about kSuperBytes of x^T) is finished before the next, so that both
+  // stay in the caches while the units that share them run; walking all tiles of a piece, or all
+  // pieces of a tile, would stream one of the two from memory again and again at large T.
   const int64_t pieces = p.nb * per_block;
-  const bool weight_fits = double(p.o) * double(p.nnz) * (double(sizeof(typename W::T)) + 1.0) < double(kL2Bytes);
+  const double piece_bytes = double(gpu * kGroup) * double(p.nnz) * (double(sizeof(typename W::T)) + 1.0);
+  const double tile_bytes = double(p.k) * kTile * sizeof(float);
+  const int64_t pg = std::clamp<int64_t>(int64_t(kSuperBytes / piece_bytes), 1, pieces);
+  const int64_t tg = std::clamp<int64_t>(int64_t(kSuperBytes / tile_bytes), 1, tiles);
+  std::vector<std::pair<int32_t, int32_t>> order;  // (tile, piece)
+  order.reserve(size_t(pieces * tiles));
+  for (int64_t t0 = 0; t0 < tiles; t0 += tg)
+    for (int64_t p0 = 0; p0 < pieces; p0 += pg)
+      for (int64_t tile = t0; tile < std::min(tiles, t0 + tg); ++tile)
+        for (int64_t piece = p0; piece < std::min(pieces, p0 + pg); ++piece) order.emplace_back(tile, piece);
   parallel_for(pool, threads, pieces * tiles, [&](int64_t u) {
-    const int64_t tile = weight_fits ? u / pieces : u % tiles, piece = weight_fits ? u % pieces : u / tiles;
+    const auto [tile, piece] = order[size_t(u)];
     const int64_t b = piece / per_block, g0 = (piece % per_block) * gpu;
     unit_mode1<W, Y>(p, b, g0, std::min(p.groups, g0 + gpu), tile);
   });

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
 
 import cpu_ffi
 from cpu_ffi import packing as cpu_packing
-from hinm_jax import _xla
+from hinm_jax import _backend
 from hinm_jax.format import SparseWeight
 
 __all__ = ["NAME", "is_available", "supports", "pack", "matmul"]
@@ -45,17 +44,7 @@ def is_available() -> bool:
     (built here on the first call; the answer is cached, the warning given once)."""
     if jax.default_backend() != "cpu":
         return False
-    try:
-        cpu_ffi.register()
-    except (cpu_ffi.BuildError, OSError) as e:
-        warnings.warn(
-            f"hinm_jax: the CPU sparse kernel could not be built, so sparse_matmul uses the slower "
-            f"'xla' reference: {e}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return False
-    return True
+    return _backend.register_or_warn(cpu_ffi.register, (cpu_ffi.BuildError, OSError), "the CPU sparse kernel")
 
 
 def supports(w: SparseWeight) -> str | None:
@@ -83,14 +72,10 @@ def pack(w: SparseWeight) -> dict | None:
     Example:
         >>> packed = pack(sw)  # doctest: +SKIP
     """
-    flat = dataclasses.replace(w, stack_axes=0, shape=w.shape[w.stack_axes :]) if w.stack_axes else w
-    if supports(flat) is not None:
+    if supports(_backend.one_matrix(w)) is not None:
         return None
-    arrays = (w.values, w.metadata, w.vector_index, w.row_perm)
-    fn = functools.partial(_pack_matrix, flat.m)
-    for _ in range(w.stack_axes):
-        fn = jax.vmap(fn)
-    return {key: jnp.asarray(v) for key, v in fn(*(jnp.asarray(a) for a in arrays)).items()}
+    packed = _backend.per_matrix(functools.partial(_pack_matrix, w.m), w)
+    return {key: jnp.asarray(v) for key, v in packed.items()}
 
 
 def _kernel(x, w: SparseWeight, packed: dict, bias):
@@ -105,29 +90,7 @@ def _kernel(x, w: SparseWeight, packed: dict, bias):
     )
 
 
-def _reference(x, w: SparseWeight, bias):
-    y = _xla.matmul(x, w)
-    return y if bias is None else (y + bias).astype(y.dtype)
-
-
-@jax.custom_vjp
-def _matmul(x, w: SparseWeight, packed: dict, bias):
-    return _kernel(x, w, packed, bias)
-
-
-def _matmul_fwd(x, w, packed, bias):
-    return _kernel(x, w, packed, bias), (x, w, bias)
-
-
-def _matmul_bwd(res, g):
-    # The reference computes the same function of (x, w, bias); its VJP gives every cotangent.
-    x, w, bias = res
-    _, vjp = jax.vjp(_reference, x, w, bias)
-    gx, gw, gb = vjp(g)
-    return gx, gw, None, gb
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_matmul = _backend.with_reference_vjp(_kernel)
 
 
 def matmul(x, w: SparseWeight, bias=None):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +27,7 @@ import numpy as np
 import cuda_ffi
 from cuda_ffi import packing as cuda_packing
 from cuda_ffi import tiles as cuda_tiles
-from hinm_jax import _xla
+from hinm_jax import _backend
 from hinm_jax.format import SparseWeight
 from hinm_jax.patterns import NM
 
@@ -57,12 +56,7 @@ def is_available() -> bool:
     cc = _cuda_compute_capability()
     if cc is None or cc < (8, 0):
         return False
-    try:
-        cuda_ffi.register()
-    except (cuda_ffi.BuildError, OSError) as e:
-        warnings.warn(f"hinm_jax: the CUDA kernel is unavailable, falling back: {e}", RuntimeWarning, stacklevel=2)
-        return False
-    return True
+    return _backend.register_or_warn(cuda_ffi.register, (cuda_ffi.BuildError, OSError), "the CUDA kernel")
 
 
 def supports(w: SparseWeight) -> str | None:
@@ -115,7 +109,7 @@ def pack(w: SparseWeight) -> dict | None:
     Example:
         >>> packed = pack(sw)  # doctest: +SKIP
     """
-    flat = dataclasses.replace(w, stack_axes=0, shape=w.shape[w.stack_axes :]) if w.stack_axes else w
+    flat = _backend.one_matrix(w)
     if supports(flat) is not None:
         return None
     fn = lambda *arrays: _pack_matrix(flat, *arrays)
@@ -140,33 +134,11 @@ def pack(w: SparseWeight) -> dict | None:
     return {key: jnp.asarray(v) for key, v in out.items()}
 
 
-def _kernel_matmul(x, packed: dict, out_features: int, bias):
-    return cuda_ffi.spmm(x, packed, out_features, bias)
+def _kernel(x, w: SparseWeight, packed: dict, bias):
+    return cuda_ffi.spmm(x, packed, w.matrix_shape[1], bias)
 
 
-def _reference(x, w: SparseWeight, bias):
-    y = _xla.matmul(x, w)
-    return y if bias is None else (y + bias).astype(y.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _matmul(x, w: SparseWeight, packed: dict, out_features: int, bias):
-    return _kernel_matmul(x, packed, out_features, bias)
-
-
-def _matmul_fwd(x, w, packed, out_features, bias):
-    return _kernel_matmul(x, packed, out_features, bias), (x, w, bias)
-
-
-def _matmul_bwd(out_features, res, g):
-    # The reference computes the same function of (x, w, bias); its VJP gives every cotangent.
-    x, w, bias = res
-    _, vjp = jax.vjp(_reference, x, w, bias)
-    gx, gw, gb = vjp(g)
-    return gx, gw, None, gb
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_matmul = _backend.with_reference_vjp(_kernel)
 
 
 def matmul(x, w: SparseWeight, bias=None):
@@ -197,4 +169,4 @@ def matmul(x, w: SparseWeight, bias=None):
     if cuda_tiles.tile_height(lay.vector_size, lay.gather) is None:
         raise NotImplementedError(f"cuda: pattern {w.pattern}: no tile fits vector size {lay.vector_size}")
     plain = dataclasses.replace(w, packed=None, packed_for=None)
-    return _matmul(x, plain, packed, o, bias)
+    return _matmul(x, plain, packed, bias)

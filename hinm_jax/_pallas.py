@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
-from hinm_jax import _xla
+from hinm_jax import _backend
 from hinm_jax.format import SparseWeight
 from hinm_jax.patterns import NM
 
@@ -83,51 +83,25 @@ def pack(w: SparseWeight) -> dict | None:
     Example:
         >>> packed = pack(sw)  # doctest: +SKIP
     """
-    flat = dataclasses.replace(w, stack_axes=0, shape=w.shape[w.stack_axes :]) if w.stack_axes else w
-    if supports(flat) is not None:
+    if supports(_backend.one_matrix(w)) is not None:
         return None
-    fn = lambda *arrays: _pack_matrix(w, *arrays)
-    for _ in range(w.stack_axes):
-        fn = jax.vmap(fn)
-    return fn(w.values, w.metadata, w.vector_index, w.row_perm)
+    return _backend.per_matrix(lambda *arrays: _pack_matrix(w, *arrays), w)
 
 
-def _kernel_matmul(x, w: SparseWeight, packed: dict):
-    dtype = x.dtype
-    return pallas_kernels.hinm_spmm(
+def _kernel(x, w: SparseWeight, packed: dict, bias):
+    y = pallas_kernels.hinm_spmm(
         x,
-        packed["values"].astype(dtype),
+        packed["values"].astype(x.dtype),
         packed.get("positions"),
         packed.get("vector_index"),
         packed["row_perm"],
         m=w.m,
         interpret=_interpret(),
     )
+    return y if bias is None else (y + bias).astype(y.dtype)
 
 
-def _reference(x, w: SparseWeight):
-    return _xla.matmul(x, w)
-
-
-@jax.custom_vjp
-def _matmul(x, w: SparseWeight, packed: dict):
-    return _kernel_matmul(x, w, packed)
-
-
-def _matmul_fwd(x, w, packed):
-    return _kernel_matmul(x, w, packed), (x, w)
-
-
-def _matmul_bwd(res, g):
-    # The reference is the same function of (x, w); its VJP gives the cotangent of x
-    # (and of w's values, should anyone differentiate through a compressed weight).
-    x, w = res
-    _, vjp = jax.vjp(_reference, x, w)
-    gx, gw = vjp(g.astype(jnp.result_type(x.dtype, w.dtype)))
-    return gx, gw, None
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_matmul = _backend.with_reference_vjp(_kernel)
 
 
 def matmul(x, w: SparseWeight, bias=None):
@@ -159,5 +133,4 @@ def matmul(x, w: SparseWeight, bias=None):
         return jnp.zeros((0, o), dtype)
     packed = w.packed if (w.packed_for == NAME and w.packed is not None) else pack(w)
     plain = dataclasses.replace(w, packed=None, packed_for=None)
-    y = _matmul(x, plain, packed)
-    return y if bias is None else (y + bias).astype(y.dtype)
+    return _matmul(x, plain, packed, bias)

@@ -1,0 +1,81 @@
+"""What every kernel backend's adapter (``_cpu``, ``_cuda``, ``_pallas``) shares: building
+and registering its library once with one clear warning when that fails, packing each matrix
+of a stacked weight, and the backward pass through the reference.
+
+Example:
+    >>> from hinm_jax import _backend, _xla
+    >>> f = _backend.with_reference_vjp(lambda x, w, packed, bias: _xla.matmul(x, w))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+from hinm_jax import _xla
+from hinm_jax.format import SparseWeight
+
+__all__ = ["register_or_warn", "one_matrix", "per_matrix", "with_reference_vjp"]
+
+
+def register_or_warn(register, errors: tuple, what: str) -> bool:
+    """Calls ``register()`` (which builds the kernel library if needed); on one of
+    ``errors`` warns once, naming ``what`` and the error (the compiler's message), and
+    returns ``False``, so that the dispatch falls back to another implementation."""
+    try:
+        register()
+    except errors as e:
+        warnings.warn(f"hinm_jax: {what} is unavailable, sparse_matmul falls back: {e}", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def one_matrix(w: SparseWeight) -> SparseWeight:
+    """``w`` described as one of its matrices (no stack axes; the arrays are unchanged):
+    what a backend's ``supports`` judges."""
+    return dataclasses.replace(w, stack_axes=0, shape=w.shape[w.stack_axes :]) if w.stack_axes else w
+
+
+def per_matrix(fn, w: SparseWeight):
+    """``fn(values, metadata, vector_index, row_perm)`` for one matrix, mapped over ``w``'s
+    stack axes (``jax.vmap``): a backend's packed arrays with the stack axes leading."""
+    for _ in range(w.stack_axes):
+        fn = jax.vmap(fn)
+    return fn(w.values, w.metadata, w.vector_index, w.row_perm)
+
+
+def _with_bias(x, w: SparseWeight, bias):
+    y = _xla.matmul(x, w)
+    return y if bias is None else (y + bias).astype(y.dtype)
+
+
+def with_reference_vjp(kernel):
+    """A backend's product made differentiable with the reference's VJP.
+
+    Args:
+      kernel: ``kernel(x, w, packed, bias) -> (T, O)``, the same function of ``(x, w,
+        bias)`` as ``_xla.matmul(x, w) + bias`` (``packed`` is the backend's copy of ``w``).
+
+    Returns:
+      ``f(x, w, packed, bias)``: ``kernel`` forward; backward, the cotangents of ``x``,
+      ``w``'s values and ``bias`` from the reference (none for ``packed``).
+    """
+
+    @jax.custom_vjp
+    def f(x, w, packed, bias):
+        return kernel(x, w, packed, bias)
+
+    def fwd(x, w, packed, bias):
+        return kernel(x, w, packed, bias), (x, w, bias)
+
+    def bwd(res, g):
+        x, w, bias = res
+        _, vjp = jax.vjp(_with_bias, x, w, bias)
+        gx, gw, gb = vjp(g.astype(jnp.result_type(x.dtype, w.dtype)))
+        return gx, gw, None, gb
+
+    f.defvjp(fwd, bwd)
+    return f
