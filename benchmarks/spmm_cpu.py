@@ -71,6 +71,17 @@ def _limits(sw, k: int, o: int, itemsize: int) -> tuple[float, float]:
     return fma, byt
 
 
+def _cells(args):
+    """``(dtype, spec, K, O, compressed weight, its dense copy)`` for every cell of the grid."""
+    for dtype in args.dtypes:
+        dt = jnp.dtype(dtype)
+        for spec in args.patterns:
+            for k, o in args.shapes:
+                w = jax.random.normal(jax.random.key(0), (k, o), dt)
+                sw = hinm_jax.compress({"w": w}, hinm_jax.prune({"w": w}, spec))["w"]
+                yield dtype, spec, k, o, sw, sw.densify()
+
+
 def _geomean(xs):
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
 
@@ -84,31 +95,28 @@ def grid(args) -> dict:
         f"{'cpu x':>6} {'xla x':>6} {'fma lim':>7} {'byte lim':>8}"
     )
     ratios: dict = {}
-    for dtype in args.dtypes:
-        dt = jnp.dtype(dtype)
-        for spec in args.patterns:
-            for k, o in args.shapes:
-                w = jax.random.normal(jax.random.key(0), (k, o), dt)
-                sw = hinm_jax.compress({"w": w}, hinm_jax.prune({"w": w}, spec))["w"]
-                packed = hinm_jax.pack_for(sw, "cpu")
-                wd = sw.densify()
-                fma, byt = _limits(sw, k, o, dt.itemsize)
-                for t in args.tokens:
-                    x = jax.random.normal(jax.random.key(t), (t, k), dt)
-                    fns = {"dense": lambda: dense_mm(x, wd), "cpu": lambda: cpu_mm(x, packed)}
-                    nb, kv = sw.vector_index.shape
-                    if not args.no_xla and t * nb * kv * 4 <= args.xla_max_mb * 2**20:
-                        fns["xla"] = lambda: xla_mm(x, sw)
-                    res = interleaved(fns, repeats=args.repeats, burst_seconds=args.burst)
-                    r_cpu = res["dense"] / res["cpu"]
-                    ratios.setdefault((dtype, spec), []).append(r_cpu)
-                    xla_ms, xla_x = (f"{res['xla'] * 1e3:8.2f}", f"{res['dense'] / res['xla']:6.2f}") if "xla" in res else (f"{'-':>8}", f"{'-':>6}")
-                    lim = f"{fma:7.2f} {byt:8.2f}" if spec.startswith("hinm") else f"{'':>7} {'':>8}"
-                    print(
-                        f"{dtype:<8} {spec:<16} {k:>5} {o:>6} {t:>5} {res['dense'] * 1e3:9.3f} {res['cpu'] * 1e3:8.3f} "
-                        f"{xla_ms} {r_cpu:6.2f} {xla_x} {lim}",
-                        flush=True,
-                    )
+    for dtype, spec, k, o, sw, wd in _cells(args):
+        packed = hinm_jax.pack_for(sw, "cpu")
+        fma, byt = _limits(sw, k, o, jnp.dtype(dtype).itemsize)
+        for t in args.tokens:
+            x = jax.random.normal(jax.random.key(t), (t, k), dtype)
+            fns = {"dense": lambda: dense_mm(x, wd), "cpu": lambda: cpu_mm(x, packed)}
+            nb, kv = sw.vector_index.shape
+            if not args.no_xla and t * nb * kv * 4 <= args.xla_max_mb * 2**20:
+                fns["xla"] = lambda: xla_mm(x, sw)
+            res = interleaved(fns, repeats=args.repeats, burst_seconds=args.burst)
+            r_cpu = res["dense"] / res["cpu"]
+            ratios.setdefault((dtype, spec), []).append(r_cpu)
+            if "xla" in res:
+                xla_ms, xla_x = f"{res['xla'] * 1e3:8.2f}", f"{res['dense'] / res['xla']:6.2f}"
+            else:
+                xla_ms, xla_x = f"{'-':>8}", f"{'-':>6}"
+            lim = f"{fma:7.2f} {byt:8.2f}" if spec.startswith("hinm") else f"{'':>7} {'':>8}"
+            print(
+                f"{dtype:<8} {spec:<16} {k:>5} {o:>6} {t:>5} {res['dense'] * 1e3:9.3f} {res['cpu'] * 1e3:8.3f} "
+                f"{xla_ms} {r_cpu:6.2f} {xla_x} {lim}",
+                flush=True,
+            )
     print("\n# dense / cpu: geometric mean and worst cell per pattern and dtype")
     for (dtype, spec), rs in ratios.items():
         print(f"{dtype:<8} {spec:<16} geomean {_geomean(rs):5.2f}  min {min(rs):5.2f}  ({len(rs)} cells)")
@@ -119,36 +127,23 @@ def modes(args) -> None:
     """The kernel's two schedules at each T (to place ``cpu_ffi.ffi.TOKENS_MODE_FROM``)."""
     import cpu_ffi
 
+    dense_mm = jax.jit(lambda x, w: x @ w)
     print(f"{'dtype':<8} {'pattern':<16} {'K':>5} {'O':>6} {'T':>5} {'dense ms':>9} {'rows ms':>8} {'tokens ms':>9}")
-    for dtype in args.dtypes:
-        dt = jnp.dtype(dtype)
-        for spec in args.patterns:
-            for k, o in args.shapes:
-                w = jax.random.normal(jax.random.key(0), (k, o), dt)
-                sw = hinm_jax.compress({"w": w}, hinm_jax.prune({"w": w}, spec))["w"]
-                packed = hinm_jax.pack_for(sw, "cpu").packed
-                wd = sw.densify()
-                dense_mm = jax.jit(lambda x, w: x @ w)
-                fns = {
-                    mode: jax.jit(
-                        lambda x, mode=mode: cpu_ffi.spmm(
-                            x, packed, n=sw.n, m=sw.m, vector_size=sw.vector_size, out_dtype=dt, mode=mode
-                        )
-                    )
-                    for mode in cpu_ffi.MODES
-                }
-                for t in args.tokens:
-                    x = jax.random.normal(jax.random.key(t), (t, k), dt)
-                    res = interleaved(
-                        {"dense": lambda: dense_mm(x, wd), **{m: (lambda f=f: f(x)) for m, f in fns.items()}},
-                        repeats=args.repeats,
-                        burst_seconds=args.burst,
-                    )
-                    print(
-                        f"{dtype:<8} {spec:<16} {k:>5} {o:>6} {t:>5} {res['dense'] * 1e3:9.3f} {res['rows'] * 1e3:8.3f} "
-                        f"{res['tokens'] * 1e3:9.3f}",
-                        flush=True,
-                    )
+    for dtype, spec, k, o, sw, wd in _cells(args):
+        packed = hinm_jax.pack_for(sw, "cpu").packed
+        run = jax.jit(
+            lambda x, mode: cpu_ffi.spmm(x, packed, n=sw.n, m=sw.m, vector_size=sw.vector_size, out_dtype=dtype, mode=mode),
+            static_argnames="mode",
+        )
+        for t in args.tokens:
+            x = jax.random.normal(jax.random.key(t), (t, k), dtype)
+            fns = {"dense": lambda: dense_mm(x, wd), **{m: (lambda m=m: run(x, m)) for m in cpu_ffi.MODES}}
+            res = interleaved(fns, repeats=args.repeats, burst_seconds=args.burst)
+            print(
+                f"{dtype:<8} {spec:<16} {k:>5} {o:>6} {t:>5} {res['dense'] * 1e3:9.3f} {res['rows'] * 1e3:8.3f} "
+                f"{res['tokens'] * 1e3:9.3f}",
+                flush=True,
+            )
 
 
 def minilm(args) -> float:
