@@ -21,9 +21,10 @@
 //     only the compressed weight (bandwidth bound, like a dense GEMV on a quarter of the bytes).
 //   mode 1 (many tokens): tokens in vector lanes (XNNPACK's SpMM layout). x is transposed once into
 //     tiles xt[tile][k][TT] (TT tokens per tile); for a block and a tile, the block's kept rows of xt
-//     are copied into a contiguous panel (K_v x TT), then each kept value is broadcast and multiplies
-//     a TT-token row of the panel: one FMA per value per L tokens, R rows at a time so R*TT/L
-//     independent accumulators hide the FMA latency.
+//     are copied, a chunk of stripes at a time, into a contiguous L1 panel, then each kept value is
+//     broadcast and multiplies a TT-token row of the panel: one FMA per value per L tokens, R rows
+//     at a time so R*TT/L independent accumulators hide the FMA latency. Units run in super-tiles
+//     (a group of blocks x a group of tiles) so that weights and x tiles both stay cached.
 //
 // Both schedules compute in fp32 (bf16 inputs are widened on load; bf16 outputs rounded to nearest
 // even) and write output channel perm[r] directly. Work is split into units (block pieces x token
