@@ -28,7 +28,12 @@ def register_or_warn(register, errors: tuple, what: str) -> bool:
     try:
         register()
     except errors as e:
-        warnings.warn(f"hinm_jax: {what} is unavailable, sparse_matmul falls back: {e}", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"hinm_jax: {what} is unavailable, so sparse_matmul falls back to the next implementation "
+            f"(at last the 'xla' reference): {e}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return False
     return True
 
