@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from hinm_jax import _xla
 from hinm_jax.format import SparseWeight
 
-__all__ = ["register_or_warn", "one_matrix", "per_matrix", "with_reference_vjp"]
+__all__ = ["register_or_warn", "not_one_matrix", "require", "one_matrix", "per_matrix", "with_reference_vjp"]
 
 
 def register_or_warn(register, errors: tuple, what: str) -> bool:
@@ -36,6 +36,25 @@ def register_or_warn(register, errors: tuple, what: str) -> bool:
         )
         return False
     return True
+
+
+def not_one_matrix(w) -> str | None:
+    """Why no kernel takes ``w`` as it is (not a compressed weight, or stacked matrices:
+    kernels multiply one matrix), or ``None``."""
+    if not isinstance(w, SparseWeight) or w.pattern is None:
+        return "not a compressed SparseWeight"
+    if w.stack_axes:
+        return f"shape={w.shape} stack_axes={w.stack_axes}: one matrix at a time"
+    return None
+
+
+def require(name: str, why: str | None, x) -> None:
+    """Raises ``NotImplementedError`` (so that the dispatch falls through) when the backend
+    ``name`` gave a reason ``why`` it cannot run the weight, or ``x`` is not ``(T, K)``."""
+    if why is not None:
+        raise NotImplementedError(f"{name}: {why}")
+    if x.ndim != 2:
+        raise NotImplementedError(f"{name}: x: shape={tuple(x.shape)}: expected (T, K)")
 
 
 def one_matrix(w: SparseWeight) -> SparseWeight:

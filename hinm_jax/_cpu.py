@@ -49,10 +49,9 @@ def is_available() -> bool:
 
 def supports(w: SparseWeight) -> str | None:
     """Why the kernel cannot run ``w`` (ignoring the activations), or ``None`` if it can."""
-    if not isinstance(w, SparseWeight) or w.pattern is None:
-        return "not a compressed SparseWeight"
-    if w.stack_axes:
-        return f"shape={w.shape} stack_axes={w.stack_axes}: one matrix at a time"
+    why = _backend.not_one_matrix(w)
+    if why is not None:
+        return why
     if w.dtype not in _DTYPES:
         return f"shape={w.shape} pattern {w.pattern}: dtype {w.dtype}: float32 or bfloat16 weights only"
     if w.m > _MAX_M:
@@ -106,11 +105,9 @@ def matmul(x, w: SparseWeight, bias=None):
         float32/bfloat16, ``m > 255``.
       ValueError: a bias whose shape is not ``(O,)``.
     """
-    why = supports(w)
-    if why is not None:
-        raise NotImplementedError(f"cpu: {why}")
-    if x.ndim != 2 or jnp.dtype(x.dtype) not in _DTYPES:
-        raise NotImplementedError(f"cpu: x: shape={tuple(x.shape)} dtype {x.dtype}: expected (T, K) float32 or bfloat16")
+    _backend.require(NAME, supports(w), x)
+    if jnp.dtype(x.dtype) not in _DTYPES:
+        raise NotImplementedError(f"cpu: x: shape={tuple(x.shape)} dtype {x.dtype}: float32 or bfloat16 only")
     k, o = w.matrix_shape
     if bias is not None:
         bias = jnp.asarray(bias)

@@ -61,10 +61,9 @@ def is_available() -> bool:
 
 def supports(w: SparseWeight) -> str | None:
     """Why the kernel cannot run ``w`` (ignoring the activations), or ``None`` if it can."""
-    if not isinstance(w, SparseWeight) or w.pattern is None:
-        return "not a compressed SparseWeight"
-    if w.stack_axes:
-        return f"shape={w.shape} stack_axes={w.stack_axes}: one matrix at a time"
+    why = _backend.not_one_matrix(w)
+    if why is not None:
+        return why
     if (w.n, w.m) != (2, 4):
         return f"pattern {w.pattern}: only 2:4-based patterns (HiNM(., ., 2, 4), NM(2, 4)) run on mma.sp"
     if w.dtype not in _DTYPES:
@@ -153,11 +152,7 @@ def matmul(x, w: SparseWeight, bias=None):
         than float16/bfloat16 (x and w alike), a vector size that is not a multiple of 32,
         or stacked weights.
     """
-    why = supports(w)
-    if why is not None:
-        raise NotImplementedError(f"cuda: {why}")
-    if x.ndim != 2:
-        raise NotImplementedError(f"cuda: x: shape={x.shape}: expected (T, K)")
+    _backend.require(NAME, supports(w), x)
     dtype = jnp.dtype(jnp.result_type(x.dtype, w.dtype))
     if dtype != w.dtype or x.dtype != w.dtype:
         raise NotImplementedError(f"cuda: x dtype {x.dtype} with w dtype {w.dtype}: both must be float16 or both bfloat16")

@@ -51,10 +51,9 @@ def _interpret() -> bool:
 
 def supports(w: SparseWeight) -> str | None:
     """Why the kernel cannot run ``w`` (ignoring the activations), or ``None`` if it can."""
-    if not isinstance(w, SparseWeight) or w.pattern is None:
-        return "not a compressed SparseWeight"
-    if w.stack_axes:
-        return f"shape={w.shape} stack_axes={w.stack_axes}: one matrix at a time"
+    why = _backend.not_one_matrix(w)
+    if why is not None:
+        return why
     if jnp.dtype(w.dtype) not in pallas_kernels.SUPPORTED_DTYPES:
         return f"shape={w.shape} pattern {w.pattern}: dtype {w.dtype}: float32, float16 or bfloat16 only"
     return pallas_kernels.unsupported(w.vector_size, w.m)
@@ -116,11 +115,7 @@ def matmul(x, w: SparseWeight, bias=None):
         size that is not a multiple of 16, a stripe length that is not a power of two, or
         operands too large for int32 offsets.
     """
-    why = supports(w)
-    if why is not None:
-        raise NotImplementedError(f"pallas: {why}")
-    if x.ndim != 2:
-        raise NotImplementedError(f"pallas: x: shape={x.shape}: expected (T, K)")
+    _backend.require(NAME, supports(w), x)
     dtype = jnp.dtype(jnp.result_type(x.dtype, w.dtype))
     if dtype not in pallas_kernels.SUPPORTED_DTYPES:
         raise NotImplementedError(
