@@ -162,11 +162,8 @@ class SparseWeight:
 
     def densify(self):
         """The dense weight ``W * mask`` in the leaf's original shape, exactly."""
-        k, o = self.matrix_shape
-        nb = self.vector_index.shape[-2]
-        fn = lambda t, rp, vi: _structure.from_blocks(
-            _structure.scatter_blocks(_structure.rows_to_blocks(t, nb), vi, k), rp
-        )
+        k, _ = self.matrix_shape
+        fn = lambda t, rp, vi: _structure.scatter_packed(t, rp, vi, k)
         for _ in range(self.stack_axes):
             fn = jax.vmap(fn)
         return fn(self.packed_tiles(), self.row_perm, self.vector_index).reshape(self.shape)
