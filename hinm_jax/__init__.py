@@ -22,6 +22,7 @@ from hinm_jax import core, format, masks, ops, patterns
 from hinm_jax.core import Layout
 from hinm_jax.format import SparseWeight, compress
 from hinm_jax.masks import Mask, Summary, apply_masks, named_leaves, prune, ste_apply, summary
+from hinm_jax.allocate import allocate_sparsity, allocation_table
 from hinm_jax.ops import available_implementations, pack_for, sparse_matmul
 from hinm_jax.patterns import HSS, NM, HiNM, Pattern, Unstructured, VectorWise, parse_pattern
 
