@@ -17,7 +17,7 @@ import numpy as np
 
 from cpu_ffi import build as _build
 
-__all__ = ["TARGET_NAME", "MODES", "library", "register", "isa", "lanes", "tile_tokens", "default_mode", "spmm"]
+__all__ = ["TARGET_NAME", "MODES", "library", "register", "isa", "bf16_dot", "lanes", "tile_tokens", "default_mode", "spmm"]
 
 TARGET_NAME = "hinm_spmm_cpu"
 MODES = ("rows", "tokens")  # mode 0: packed rows in vector lanes; mode 1: tokens in vector lanes
@@ -34,6 +34,7 @@ def library(path: str | None = None) -> ctypes.CDLL:
     lib.hinm_cpu_lanes.restype = ctypes.c_int
     lib.hinm_cpu_tile_tokens.restype = ctypes.c_int
     lib.hinm_cpu_isa.restype = ctypes.c_char_p
+    lib.hinm_cpu_bf16_dot.restype = ctypes.c_int
     return lib
 
 
@@ -51,6 +52,12 @@ def register(path: str | None = None) -> None:
 def isa() -> str:
     """The instruction set the library was built for: ``"avx512"``, ``"avx2"`` or ``"generic"``."""
     return library().hinm_cpu_isa().decode()
+
+
+def bf16_dot() -> bool:
+    """Whether the build multiplies bfloat16 activations with the AVX-512 BF16 dot instructions
+    (pair-layout weights, :func:`cpu_ffi.packing.use_pairs`); otherwise it widens them to float32."""
+    return bool(library().hinm_cpu_bf16_dot())
 
 
 def lanes() -> int:

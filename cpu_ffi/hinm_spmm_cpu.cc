@@ -164,6 +164,51 @@ inline vf splat(float s) {
 #endif
 }
 
+// ---- the weight layouts ----------------------------------------------------------------------------
+
+// Where packed row r's value i (and its position) lies inside its group, for the two layouts:
+//   canonical  [i][16 rows]               (any n, float32 or bfloat16 values)
+//   pairs      [i / 2][16 rows][i % 2]    (bfloat16, n = 2, m = 4: a row's two values of a stripe are one
+//                                          32-bit word, the operand of the AVX-512 BF16 dot instruction)
+// The packer chooses (cpu_ffi/packing.py); the kernel tells them apart by the arrays' last axis (16 or 32).
+template <class W, bool P>
+struct Wts {
+  using T = typename W::T;
+  static_assert(!P || std::is_same_v<W, BF16>, "the pair layout holds bfloat16 values");
+  static constexpr bool pairs = P;
+  static int64_t off(int64_t i, int64_t r) { return P ? (i >> 1) * 2 * kGroup + 2 * r + (i & 1) : i * kGroup + r; }
+  static float get(const T* g, int64_t i, int64_t r) { return W::get(g, off(i, r)); }
+  static int pos(const uint8_t* g, int64_t i, int64_t r) { return g[off(i, r)]; }
+  // Lanes s*L .. s*L+L-1 (packed rows) of value i, widened to fp32.
+  static vf load(const T* g, int64_t i, int s) {
+    if constexpr (!P) {
+      return W::load(g + i * kGroup + s * L);
+    } else {
+      vu32 u;  // L words: (value 2j, value 2j+1) of L rows; a bfloat16 in the top half is its float32
+      std::memcpy(&u, g + (i >> 1) * 2 * kGroup + s * 2 * L, sizeof(u));
+      u = (i & 1) ? (u & 0xffff0000u) : (u << 16);
+      vf v;
+      std::memcpy(&v, &u, sizeof(v));
+      return v;
+    }
+  }
+  static vi load_pos(const uint8_t* g, int64_t i, int s) {
+    if constexpr (!P) {
+      return hinm_cpu::load_pos(g + i * kGroup + s * L);
+    } else {
+      typedef uint8_t vb2 __attribute__((vector_size(2 * L)));
+      typedef uint16_t vh2 __attribute__((vector_size(4 * L)));
+      vb2 b;
+      std::memcpy(&b, g + (i >> 1) * 2 * kGroup + s * 2 * L, sizeof(b));
+      const vh2 h = __builtin_convertvector(b, vh2);
+      vu32 u;
+      std::memcpy(&u, &h, sizeof(u));
+      u = (i & 1) ? (u >> 16) : (u & 0xffffu);
+      return (vi)u;
+    }
+  }
+};
+
 // ---- the problem -----------------------------------------------------------------------------------
 
 struct Problem {
@@ -184,10 +229,13 @@ struct Problem {
 
 // Thread-local scratch that grows and is never shrunk: windows and panels are rebuilt every unit,
 // and a fresh allocation per call would pay page faults larger than the work it holds.
+// Aligned to a cache line: the panels' vector loads must not straddle two lines.
 inline float* scratch(size_t floats) {
-  thread_local std::vector<float, std::allocator<float>> buf;
-  if (buf.size() < floats) buf.resize(floats);
-  return buf.data();
+  constexpr size_t kLine = 64 / sizeof(float);
+  thread_local std::vector<float> buf;
+  if (buf.size() < floats + kLine) buf.resize(floats + kLine);
+  const auto at = reinterpret_cast<uintptr_t>(buf.data());
+  return buf.data() + ((64 - at % 64) % 64) / sizeof(float);
 }
 
 // Writes one packed row's outputs for tokens t0.. (cnt of them): y[t, perm[row]] = acc[i] (+ bias).
@@ -225,6 +273,13 @@ inline void put_tokens(const Problem& p, const int32_t* perm, int64_t rows, int6
       Y::put(y, c, at(r, tt) + (p.bias ? p.bias[c] : 0.0f));
     }
   }
+}
+
+// One group's outputs of mode 0: out[tt * kGroup + r] is packed row g * kGroup + r of block b, token t0 + tt.
+template <class Y>
+inline void put_group(const Problem& p, int64_t b, int64_t g, int64_t t0, int64_t cnt, const float* out) {
+  const int64_t rows = std::min<int64_t>(kGroup, p.v - g * kGroup);
+  for (int64_t r = 0; r < rows; ++r) put_row<Y>(p, b * p.v + g * kGroup + r, t0, cnt, out + r, kGroup);
 }
 
 // ---- mode 0: rows in lanes -------------------------------------------------------------------------
@@ -268,8 +323,8 @@ void group_rows_in_lanes(const Problem& p, int64_t b, int64_t g, int64_t t0, con
     for (int64_t q = 0; q < p.n; ++q) {
       const int64_t i = j * p.n + q;
       for (int s = 0; s < kSub; ++s) {
-        const vf v = W::load(vals + i * kGroup + s * L);
-        const vi ps = load_pos(pos + i * kGroup + s * L);
+        const vf v = W::load(vals, i, s);
+        const vi ps = W::load_pos(pos, i, s);
         for (int tt = 0; tt < NT; ++tt) part[tt][s] += v * permute(w[tt], ps);
       }
     }
@@ -284,8 +339,7 @@ void group_rows_in_lanes(const Problem& p, int64_t b, int64_t g, int64_t t0, con
   alignas(64) float out[NT][kGroup];
   for (int tt = 0; tt < NT; ++tt)
     for (int s = 0; s < kSub; ++s) storef(&out[tt][s * L], acc[0][tt][s]);
-  const int64_t rows = std::min<int64_t>(kGroup, p.v - g * kGroup);
-  for (int64_t r = 0; r < rows; ++r) put_row<Y>(p, b * p.v + g * kGroup + r, t0, NT, &out[0][r], kGroup);
+  put_group<Y>(p, b, g, t0, NT, &out[0][0]);
 }
 
 template <class W, class Y>
@@ -323,8 +377,8 @@ void group_scalar(const Problem& p, int64_t b, int64_t g, int64_t t0, int64_t cn
   for (int64_t r = 0; r < rows; ++r) {
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int64_t i = 0; i < p.nnz; ++i) {
-      const float v = W::get(vals, i * kGroup + r);
-      const int64_t jj = (i / p.n) * p.m + pos[i * kGroup + r];
+      const float v = W::get(vals, i, r);
+      const int64_t jj = (i / p.n) * p.m + W::pos(pos, i, r);
       for (int64_t tt = 0; tt < cnt; ++tt) acc[tt] += v * win[tt * stride + jj];
     }
     put_row<Y>(p, b * p.v + g * kGroup + r, t0, cnt, acc.data(), 1);
@@ -380,22 +434,24 @@ inline int64_t chunk_stripes(const Problem& p) {
 
 // R packed rows (lanes l0 .. l0+R of group g) x one tile of kTile tokens, stripes [j0, j1) of the
 // panel (whose row 0 is stripe j0's first input); partial sums in acc (R rows x kTile).
-template <class W, int R>
+// N, M > 0: the stripe shape known at compile time (2:4, unrolled); 0: p.n, p.m.
+template <class W, int R, int N, int M>
 inline void rows_tokens_in_lanes(const Problem& p, int64_t b, int64_t g, int l0, int64_t j0, int64_t j1,
                                  const float* panel, float* acc_mem, bool first) {
   constexpr int U = kTile / L;
-  const auto* vals = static_cast<const typename W::T*>(p.vals) + (b * p.groups + g) * p.nnz * kGroup + l0;
-  const uint8_t* pos = p.pos + (b * p.groups + g) * p.nnz * kGroup + l0;
+  const int64_t n = N ? N : p.n, m = M ? M : p.m;
+  const auto* vals = static_cast<const typename W::T*>(p.vals) + (b * p.groups + g) * p.nnz * kGroup;
+  const uint8_t* pos = p.pos + (b * p.groups + g) * p.nnz * kGroup;
   vf acc[R][U];
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < U; ++u) acc[r][u] = first ? vf{} : loadf(acc_mem + r * kTile + u * L);
   for (int64_t j = j0; j < j1; ++j) {
-    const float* base = panel + (j - j0) * p.m * kTile;
-    for (int64_t q = 0; q < p.n; ++q) {
-      const int64_t i = (j * p.n + q) * kGroup;
+    const float* base = panel + (j - j0) * m * kTile;
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t i = j * n + q;
       for (int r = 0; r < R; ++r) {
-        const vf w = splat(W::get(vals, i + r));
-        const float* a = base + int64_t(pos[i + r]) * kTile;
+        const vf w = splat(W::get(vals, i, l0 + r));
+        const float* a = base + int64_t(W::pos(pos, i, l0 + r)) * kTile;
         for (int u = 0; u < U; ++u) acc[r][u] += w * loadf(a + u * L);
       }
     }
@@ -433,14 +489,192 @@ void unit_mode1(const Problem& p, int64_t b, int64_t g0, int64_t g1, int64_t til
     }
     for (int64_t qd = 0; qd < quads; ++qd) {
       const int64_t local = g0 * kGroup + qd * kRows;
-      rows_tokens_in_lanes<W, kRows>(p, b, local / kGroup, int(local % kGroup), j0, j1, chunk,
-                                     acc + qd * kRows * kTile, j0 == 0);
+      if (p.n == 2 && p.m == 4) {
+        rows_tokens_in_lanes<W, kRows, 2, 4>(p, b, local / kGroup, int(local % kGroup), j0, j1, chunk,
+                                             acc + qd * kRows * kTile, j0 == 0);
+      } else {
+        rows_tokens_in_lanes<W, kRows, 0, 0>(p, b, local / kGroup, int(local % kGroup), j0, j1, chunk,
+                                             acc + qd * kRows * kTile, j0 == 0);
+      }
     }
   }
   const int64_t t0 = tile * kTile;
   put_tokens<Y>(p, p.perm + b * p.v + g0 * kGroup, rows, t0, std::min<int64_t>(kTile, p.t - t0),
                 [&](int64_t r, int64_t tt) { return acc[r * kTile + tt]; });
 }
+
+// ---- bfloat16 dot products: bfloat16 activations, pair layout, AVX-512 BF16 ----------------------
+
+// vdpbf16ps adds, in each fp32 lane l, a[2l] * b[2l] + a[2l+1] * b[2l+1] (32 bfloat16 pairs in, 16 fp32
+// sums out): one instruction for two multiply-adds a lane. A packed row's two values of a stripe are one
+// pair (the pair layout); the other operand holds, in each lane, the two activations at that row's
+// positions. Half the instructions and half the activation bytes of the widened fp32 path.
+#if HINM_LANES == 16 && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define HINM_BF16_DOT 1
+
+inline __m512 dot2(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+
+// mode 0: win[tt * stride + jj] = bits of x[t0 + tt, vidx[b, jj]], zero padded to stride.
+inline void gather_windows16(const Problem& p, int64_t b, int64_t t0, int64_t cnt, uint16_t* win, int64_t stride) {
+  const auto* x = static_cast<const uint16_t*>(p.x);
+  const int32_t* vi_b = p.vidx + b * p.kv;
+  for (int64_t tt = 0; tt < cnt; ++tt) {
+    const uint16_t* row = x + (t0 + tt) * p.k;
+    uint16_t* w = win + tt * stride;
+    if (p.direct) {
+      std::memcpy(w, row, size_t(p.kv) * 2);
+    } else {
+      for (int64_t jj = 0; jj < p.kv; ++jj) w[jj] = row[vi_b[jj]];
+    }
+    std::fill(w + p.kv, w + stride, uint16_t(0));
+  }
+}
+
+// mode 0, one group of 16 rows (lanes), NT tokens: per stripe, the 16 rows' value pairs are one vector,
+// a word permute (vpermw) puts each row's two activations of the stripe in its lane, one dot per token.
+template <class Y, int NT>
+void group_dot_rows(const Problem& p, int64_t b, int64_t g, int64_t t0, const uint16_t* win, int64_t stride) {
+  const auto* vals = static_cast<const uint16_t*>(p.vals) + (b * p.groups + g) * p.nnz * kGroup;
+  const uint8_t* pos = p.pos + (b * p.groups + g) * p.nnz * kGroup;
+  constexpr int A = std::max(1, kChains / NT);
+  __m512 acc[A][NT];
+  for (int a = 0; a < A; ++a)
+    for (int tt = 0; tt < NT; ++tt) acc[a][tt] = _mm512_setzero_ps();
+  const int64_t stripes = p.kv / 4;
+  auto stripe = [&](int64_t j, __m512 (&part)[NT]) {
+    const __m512i w = _mm512_loadu_si512(vals + j * 2 * kGroup);
+    const __m512i idx = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pos + j * 2 * kGroup)));
+    for (int tt = 0; tt < NT; ++tt) {
+      const __m512i stripe_x = _mm512_loadu_si512(win + tt * stride + j * 4);  // stripe j in words 0..3
+      part[tt] = dot2(part[tt], _mm512_permutexvar_epi16(idx, stripe_x), w);
+    }
+  };
+  int64_t j = 0;
+  for (; j + A <= stripes; j += A)
+    for (int a = 0; a < A; ++a) stripe(j + a, acc[a]);
+  for (; j < stripes; ++j) stripe(j, acc[0]);
+  alignas(64) float out[NT][kGroup];
+  for (int tt = 0; tt < NT; ++tt) {
+    for (int a = 1; a < A; ++a) acc[0][tt] = _mm512_add_ps(acc[0][tt], acc[a][tt]);
+    _mm512_store_ps(out[tt], acc[0][tt]);
+  }
+  put_group<Y>(p, b, g, t0, NT, &out[0][0]);
+}
+
+template <class Y>
+void unit_mode0_dot(const Problem& p, int64_t b, int64_t g0, int64_t g1) {
+  const int64_t stride = p.kv + 2 * kGroup;  // a 32-word load at the last stripe stays inside
+  auto* win = reinterpret_cast<uint16_t*>(scratch(size_t(kTokens0 * stride / 2 + 1)));
+  for (int64_t t0 = 0; t0 < p.t; t0 += kTokens0) {
+    const int64_t cnt = std::min<int64_t>(kTokens0, p.t - t0);
+    gather_windows16(p, b, t0, cnt, win, stride);
+    for (int64_t g = g0; g < g1; ++g) {
+      switch (cnt) {
+#define HINM_CASE(N) \
+  case N:            \
+    group_dot_rows<Y, N>(p, b, g, t0, win, stride); \
+    break;
+        HINM_CASE(1) HINM_CASE(2) HINM_CASE(3) HINM_CASE(4) HINM_CASE(5) HINM_CASE(6) HINM_CASE(7) HINM_CASE(8)
+#undef HINM_CASE
+      }
+    }
+  }
+}
+
+// mode 1: xt[tile][k][kTile] = bits of x[tile * kTile + tt, k] (bfloat16 tiles: half the bytes).
+inline void transpose_tile16(const Problem& p, int64_t tile, int64_t k0, int64_t k1) {
+  const auto* x = static_cast<const uint16_t*>(p.x);
+  uint16_t* xt = reinterpret_cast<uint16_t*>(p.xt) + tile * p.k * kTile;
+  constexpr int64_t kc = 64;
+  for (int64_t ka = k0; ka < k1; ka += kc) {
+    const int64_t kb = std::min(k1, ka + kc);
+    for (int64_t tt = 0; tt < kTile; ++tt) {
+      const int64_t t = tile * kTile + tt;
+      if (t < p.t) {
+        const uint16_t* row = x + t * p.k;
+        for (int64_t k = ka; k < kb; ++k) xt[k * kTile + tt] = row[k];
+      } else {
+        for (int64_t k = ka; k < kb; ++k) xt[k * kTile + tt] = 0;
+      }
+    }
+  }
+}
+
+// The panel of mode 1 holds, for each stripe, the 6 pairs (a, b), a < b, of its 4 activation rows, each
+// as 2 vectors of 16 tokens x (x_a, x_b) (unpacklo / unpackhi of the two 32-token rows: tokens
+// 0-3, 8-11, 16-19, 24-27 in the first vector, 4-7, 12-15, ... in the second).
+constexpr int kPairs = 6;
+constexpr int64_t kPairWords = 2 * kTile;                // one pair tile, in bfloat16 words
+constexpr int64_t kStripeWords = kPairs * kPairWords;    // one stripe of the panel
+constexpr int16_t kPairAt[16] = {0, 0, 1, 2, 0, 0, 3, 4, 0, 0, 0, 5, 0, 0, 0, 0};  // by p0 * 4 + p1, p0 < p1
+
+// Accumulator lane of token tt in mode 1 (two vectors per row, the unpack order above).
+inline int64_t dot_lane(int64_t tt) { return ((tt >> 2) & 1) * L + (tt >> 3) * 4 + (tt & 3); }
+
+template <int R>
+inline void rows_dot_tokens(const Problem& p, int64_t b, int64_t g, int l0, int64_t j0, int64_t j1,
+                            const uint16_t* panel, float* acc_mem, bool first) {
+  const int64_t base = (b * p.groups + g) * p.nnz * kGroup;
+  const auto* w32 = reinterpret_cast<const uint32_t*>(static_cast<const uint16_t*>(p.vals) + base);
+  const auto* pos16 = reinterpret_cast<const uint16_t*>(p.pos + base);
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < 2; ++u) acc[r][u] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_mem + r * kTile + u * L);
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint16_t* stripe = panel + (j - j0) * kStripeWords;
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = j * kGroup + l0 + r;
+      const unsigned pp = pos16[at];  // (p0, p1): low byte, high byte
+      const uint16_t* a = stripe + kPairAt[((pp & 0xffu) << 2) | (pp >> 8)] * kPairWords;
+      const __m512i w = _mm512_set1_epi32(int(w32[at]));
+      acc[r][0] = dot2(acc[r][0], _mm512_loadu_si512(a), w);
+      acc[r][1] = dot2(acc[r][1], _mm512_loadu_si512(a + L * 2), w);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < 2; ++u) _mm512_storeu_ps(acc_mem + r * kTile + u * L, acc[r][u]);
+}
+
+template <class Y>
+void unit_mode1_dot(const Problem& p, int64_t b, int64_t g0, int64_t g1, int64_t tile) {
+  const uint16_t* xt = reinterpret_cast<const uint16_t*>(p.xt) + tile * p.k * kTile;
+  const int64_t rows = std::min<int64_t>(g1 * kGroup, p.v) - g0 * kGroup;
+  const int64_t quads = (rows + kRows - 1) / kRows;
+  const int64_t cs = std::max<int64_t>(1, kChunkBytes / (kStripeWords * 2)), stripes = p.kv / 4;
+  float* acc = scratch(size_t(quads * kRows * kTile + cs * kStripeWords / 2));
+  auto* panel = reinterpret_cast<uint16_t*>(acc + quads * kRows * kTile);
+  const int32_t* vi_b = p.vidx + b * p.kv;
+  for (int64_t j0 = 0; j0 < stripes; j0 += cs) {
+    const int64_t j1 = std::min(stripes, j0 + cs);
+    for (int64_t j = j0; j < j1; ++j) {
+      __m512i xr[4];
+      for (int a = 0; a < 4; ++a) {
+        const int64_t jj = j * 4 + a;
+        if (!p.direct && jj + kAhead < p.kv) {
+          const char* ahead = reinterpret_cast<const char*>(xt + int64_t(vi_b[jj + kAhead]) * kTile);
+          __builtin_prefetch(ahead);
+        }
+        xr[a] = _mm512_loadu_si512(xt + (p.direct ? jj : int64_t(vi_b[jj])) * kTile);
+      }
+      uint16_t* dst = panel + (j - j0) * kStripeWords;
+      for (int a = 0, t = 0; a < 4; ++a)
+        for (int c = a + 1; c < 4; ++c, ++t) {
+          _mm512_storeu_si512(dst + t * kPairWords, _mm512_unpacklo_epi16(xr[a], xr[c]));
+          _mm512_storeu_si512(dst + t * kPairWords + 2 * L, _mm512_unpackhi_epi16(xr[a], xr[c]));
+        }
+    }
+    for (int64_t qd = 0; qd < quads; ++qd) {
+      const int64_t local = g0 * kGroup + qd * kRows;
+      rows_dot_tokens<kRows>(p, b, local / kGroup, int(local % kGroup), j0, j1, panel, acc + qd * kRows * kTile, j0 == 0);
+    }
+  }
+  const int64_t t0 = tile * kTile;
+  put_tokens<Y>(p, p.perm + b * p.v + g0 * kGroup, rows, t0, std::min<int64_t>(kTile, p.t - t0),
+                [&](int64_t r, int64_t tt) { return acc[r * kTile + dot_lane(tt)]; });
+}
+#else
+#define HINM_BF16_DOT 0
+#endif
 
 // ---- work splitting --------------------------------------------------------------------------------
 
@@ -488,6 +722,8 @@ constexpr double kParallelFrom = 1 << 18;
 
 template <class X, class W, class Y, class Pool>
 void run(const Problem& p, int64_t mode, Pool& pool) {
+  // bfloat16 activations with pair-layout weights take the BF16 dot products where the CPU has them.
+  constexpr bool dot = HINM_BF16_DOT && std::is_same_v<X, BF16> && W::pairs;
   const double work = double(p.o) * double(p.nnz) * double(p.t);
   const int64_t threads = work < kParallelFrom ? 1 : std::max<int64_t>(1, pool.num_threads());
   if (mode == 0) {
@@ -495,6 +731,9 @@ void run(const Problem& p, int64_t mode, Pool& pool) {
     const int64_t per_block = (p.groups + gpu - 1) / gpu;
     parallel_for(pool, threads, p.nb * per_block, [&](int64_t u) {
       const int64_t b = u / per_block, g0 = (u % per_block) * gpu;
+#if HINM_BF16_DOT
+      if constexpr (dot) return unit_mode0_dot<Y>(p, b, g0, std::min(p.groups, g0 + gpu));
+#endif
       unit_mode0<X, W, Y>(p, b, g0, std::min(p.groups, g0 + gpu));
     });
     return;
@@ -504,6 +743,9 @@ void run(const Problem& p, int64_t mode, Pool& pool) {
   const int64_t kchunks = (p.k + kc - 1) / kc;
   parallel_for(pool, threads, tiles * kchunks, [&](int64_t u) {
     const int64_t k0 = (u % kchunks) * kc;
+#if HINM_BF16_DOT
+    if constexpr (dot) return transpose_tile16(p, u / kchunks, k0, std::min(p.k, k0 + kc));
+#endif
     transpose_tile<X>(p, u / kchunks, k0, std::min(p.k, k0 + kc));
   });
   const int64_t gpu = groups_per_unit(p, threads, tiles, 4);
@@ -514,7 +756,7 @@ void run(const Problem& p, int64_t mode, Pool& pool) {
   // pieces of a tile, would stream one of the two from memory again and again at large T.
   const int64_t pieces = p.nb * per_block;
   const double piece_bytes = double(gpu * kGroup) * double(p.nnz) * (double(sizeof(typename W::T)) + 1.0);
-  const double tile_bytes = double(p.k) * kTile * sizeof(float);
+  const double tile_bytes = double(p.k) * kTile * (dot ? 2 : 4);
   const int64_t pg = std::clamp<int64_t>(int64_t(kSuperBytes / piece_bytes), 1, pieces);
   const int64_t tg = std::clamp<int64_t>(int64_t(kSuperBytes / tile_bytes), 1, tiles);
   std::vector<std::pair<int32_t, int32_t>> order;  // (tile, piece)
@@ -526,6 +768,9 @@ void run(const Problem& p, int64_t mode, Pool& pool) {
   parallel_for(pool, threads, pieces * tiles, [&](int64_t u) {
     const auto [tile, piece] = order[size_t(u)];
     const int64_t b = piece / per_block, g0 = (piece % per_block) * gpu;
+#if HINM_BF16_DOT
+    if constexpr (dot) return unit_mode1_dot<Y>(p, b, g0, std::min(p.groups, g0 + gpu), tile);
+#endif
     unit_mode1<W, Y>(p, b, g0, std::min(p.groups, g0 + gpu), tile);
   });
 }
@@ -538,7 +783,9 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
                 int64_t vector_size, int64_t mode) {
   const auto xd = x.dimensions(), vd = vals.dimensions(), id = vidx.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || vd.size() != 4 || id.size() != 2 || yd.size() != 2)
-    return ffi::Error::InvalidArgument("hinm_spmm_cpu: expected x (T, K), vals (nb, G, nnz, 16), vidx (nb, K_v), y (T, O)");
+    return ffi::Error::InvalidArgument(
+        "hinm_spmm_cpu: expected x (T, K), vals (nb, G, nnz, 16) or pairs (nb, G, nnz / 2, 32), vidx (nb, K_v), y (T, O)");
+  const bool pairs = vd[3] == 2 * kGroup;
   Problem p;
   p.t = xd[0];
   p.k = xd[1];
@@ -549,12 +796,14 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   p.n = n;
   p.m = m;
   p.groups = vd[1];
-  p.nnz = vd[2];
-  if (yd[0] != p.t || vd[0] != p.nb || vd[3] != kGroup || n < 1 || m < n || m > 255 || p.kv % m ||
+  p.nnz = pairs ? 2 * vd[2] : vd[2];
+  if (yd[0] != p.t || vd[0] != p.nb || (vd[3] != kGroup && !pairs) || n < 1 || m < n || m > 255 || p.kv % m ||
       p.nnz != p.kv / m * n || p.groups * kGroup < p.v || (p.groups - 1) * kGroup >= p.v ||
       pos.element_count() != vals.element_count() || int64_t(perm.element_count()) != p.nb * p.v ||
       p.nb * p.v != p.o || p.kv > p.k)
     return ffi::Error::InvalidArgument("hinm_spmm_cpu: inconsistent shapes");
+  if (pairs && (n != 2 || m != 4 || vals.element_type() != ffi::DataType::BF16))
+    return ffi::Error::InvalidArgument("hinm_spmm_cpu: the pair layout holds bfloat16 values of 2:4 stripes");
   if (bias.element_count() != 0 && int64_t(bias.element_count()) != p.o)
     return ffi::Error::InvalidArgument("hinm_spmm_cpu: bias must have O entries or none");
   if (mode != 0 && mode != 1) return ffi::Error::InvalidArgument("hinm_spmm_cpu: mode must be 0 or 1");
@@ -585,14 +834,19 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   const DataType xt = x.element_type(), wt = vals.element_type(), yt = y->element_type();
   auto ok = [](DataType d) { return d == DataType::F32 || d == DataType::BF16; };
   if (!ok(xt) || !ok(wt) || !ok(yt)) return ffi::Error::InvalidArgument("hinm_spmm_cpu: dtypes must be float32 or bfloat16");
+  using WF32 = Wts<F32, false>;
+  using WBF16 = Wts<BF16, false>;
+  using WBF16Pairs = Wts<BF16, true>;
 #define HINM_Y(X, W)                                              \
   if (yt == DataType::F32) return run<X, W, F32>(p, mode, pool), ffi::Error::Success(); \
   return run<X, W, BF16>(p, mode, pool), ffi::Error::Success();
-#define HINM_W(X)                     \
-  if (wt == DataType::F32) {          \
-    HINM_Y(X, F32)                    \
-  } else {                            \
-    HINM_Y(X, BF16)                   \
+#define HINM_W(X)                          \
+  if (wt == DataType::F32) {               \
+    HINM_Y(X, WF32)                        \
+  } else if (pairs) {                      \
+    HINM_Y(X, WBF16Pairs)                  \
+  } else {                                 \
+    HINM_Y(X, WBF16)                       \
   }
   if (xt == DataType::F32) {
     HINM_W(F32)
@@ -609,7 +863,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HinmSpmmCpu, hinm_cpu::Spmm,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()          // x (T, K)
-                                  .Arg<ffi::AnyBuffer>()          // vals (nb, G, nnz, 16)
+                                  .Arg<ffi::AnyBuffer>()          // vals (nb, G, nnz, 16) or pairs (nb, G, nnz / 2, 32)
                                   .Arg<ffi::Buffer<ffi::U8>>()    // pos, same shape
                                   .Arg<ffi::Buffer<ffi::S32>>()   // vidx (nb, K_v)
                                   .Arg<ffi::Buffer<ffi::S32>>()   // perm (O,)
@@ -625,3 +879,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HinmSpmmCpu, hinm_cpu::Spmm,
 extern "C" int hinm_cpu_lanes() { return hinm_cpu::L; }
 extern "C" int hinm_cpu_tile_tokens() { return hinm_cpu::kTile; }
 extern "C" const char* hinm_cpu_isa() { return hinm_cpu::kIsa; }
+extern "C" int hinm_cpu_bf16_dot() { return HINM_BF16_DOT; }

@@ -11,6 +11,12 @@ value, so that 16 rows' ``i``-th values (and positions) are one contiguous vecto
 - ``positions (nb, G, nnz, 16)`` uint8, the stripe position of each value;
 - ``vector_index (nb, K_v)`` and ``row_perm (O,)`` int32, unchanged.
 
+The **pair layout** (``pairs=True``: bfloat16 values of 2:4 stripes) keeps each row's two values of a
+stripe next to each other, as one 32-bit word, the operand of the AVX-512 BF16 dot instruction:
+``values`` and ``positions`` are ``(nb, G, nnz / 2, 32)``, element ``(j, 2 r + q)`` being row ``r``'s
+``q``-th value of stripe ``j``, the two positions ascending. The kernel tells the layouts apart by
+the last axis (16 or 32).
+
 Works on numpy arrays and on jax arrays (also traced, under ``jit``). This package must not
 import ``hinm_jax``, so it unpacks the metadata itself; a test checks that it agrees with
 ``hinm_jax.format``'s codec.
@@ -30,7 +36,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["GROUP", "positions", "pack", "groups"]
+__all__ = ["GROUP", "positions", "pack", "groups", "use_pairs"]
 
 GROUP = 16  # rows interleaved per group (the kernel's fixed layout)
 
@@ -56,7 +62,12 @@ def groups(vector_size: int) -> int:
     return -(-vector_size // GROUP)
 
 
-def pack(values, metadata, vector_index, row_perm, *, m: int) -> dict:
+def use_pairs(dtype, n: int, m: int) -> bool:
+    """Whether :func:`pack` uses the pair layout for weights of ``dtype`` in ``n:m`` stripes."""
+    return np.dtype(dtype) == np.dtype(jnp.bfloat16) and n == 2 and m == 4
+
+
+def pack(values, metadata, vector_index, row_perm, *, m: int, pairs: bool = False) -> dict:
     """The kernel layout of one matrix (see the module docstring).
 
     Args:
@@ -65,6 +76,7 @@ def pack(values, metadata, vector_index, row_perm, *, m: int) -> dict:
       vector_index: ``(nb, K_v)`` int32.
       row_perm: ``(O,)`` int32.
       m: stripe length (at most 255: positions are stored in a byte).
+      pairs: the pair layout (bfloat16 values, 2 kept of every 4; see :func:`use_pairs`).
 
     Returns:
       ``{"values", "positions", "vector_index", "row_perm"}``, numpy arrays for numpy
@@ -78,14 +90,33 @@ def pack(values, metadata, vector_index, row_perm, *, m: int) -> dict:
     v = o // nb
     g = groups(v)
 
-    def interleave(a):
-        a = a.reshape(nb, v, nnz)
-        a = xp.pad(a, ((0, 0), (0, g * GROUP - v), (0, 0)))
-        return a.reshape(nb, g, GROUP, nnz).transpose(0, 1, 3, 2)
+    pos = positions(metadata, m, nnz)
+    if pairs:
+        kv = vector_index.shape[1]
+        if m != 4 or nnz != 2 * (kv // m) or np.dtype(values.dtype) != np.dtype(jnp.bfloat16):
+            raise ValueError(f"pairs=True: bfloat16 values of 2:4 stripes only, got {values.dtype} with nnz={nnz}, K_v={kv}, {m=}")
+        vals2, pos2 = values.reshape(o, -1, 2), pos.reshape(o, -1, 2)
+        swap = pos2[..., 0] > pos2[..., 1]  # ascending positions in each pair (the kernel's pair index)
+        vals2 = xp.where(swap[..., None], vals2[..., ::-1], vals2)
+        pos2 = xp.where(swap[..., None], pos2[..., ::-1], pos2)
 
+        def interleave_pairs(a, pad):
+            a = a.reshape(nb, v, nnz // 2, 2)
+            a = xp.concatenate([a, xp.broadcast_to(xp.asarray(pad, a.dtype), (nb, g * GROUP - v, nnz // 2, 2))], axis=1)
+            return a.reshape(nb, g, GROUP, nnz // 2, 2).transpose(0, 1, 3, 2, 4).reshape(nb, g, nnz // 2, 2 * GROUP)
+
+        packed_values, packed_positions = interleave_pairs(vals2, [0, 0]), interleave_pairs(pos2, [0, 1])
+    else:
+
+        def interleave(a):
+            a = a.reshape(nb, v, nnz)
+            a = xp.pad(a, ((0, 0), (0, g * GROUP - v), (0, 0)))
+            return a.reshape(nb, g, GROUP, nnz).transpose(0, 1, 3, 2)
+
+        packed_values, packed_positions = interleave(values), interleave(pos)
     return {
-        "values": interleave(values),
-        "positions": interleave(positions(metadata, m, nnz)),
+        "values": packed_values,
+        "positions": packed_positions,
         "vector_index": vector_index.astype(xp.int32),
         "row_perm": row_perm.astype(xp.int32),
     }

@@ -59,8 +59,8 @@ def supports(w: SparseWeight) -> str | None:
     return None
 
 
-def _pack_matrix(m: int, values, metadata, vector_index, row_perm) -> dict:
-    return cpu_packing.pack(values, metadata, vector_index, row_perm, m=m)
+def _pack_matrix(m: int, pairs: bool, values, metadata, vector_index, row_perm) -> dict:
+    return cpu_packing.pack(values, metadata, vector_index, row_perm, m=m, pairs=pairs)
 
 
 def pack(w: SparseWeight) -> dict | None:
@@ -73,7 +73,8 @@ def pack(w: SparseWeight) -> dict | None:
     """
     if supports(_backend.one_matrix(w)) is not None:
         return None
-    packed = _backend.per_matrix(functools.partial(_pack_matrix, w.m), w)
+    pairs = cpu_packing.use_pairs(w.dtype, w.n, w.m)  # bfloat16 2:4: the layout of the BF16 dot path
+    packed = _backend.per_matrix(functools.partial(_pack_matrix, w.m, pairs), w)
     return {key: jnp.asarray(v) for key, v in packed.items()}
 
 

@@ -106,6 +106,51 @@ def test_pack_interleaves_16_rows_and_pads_with_zeros(pattern):
         np.testing.assert_array_equal(np.asarray(traced[key]), np.asarray(p[key]))
 
 
+@pytest.mark.parametrize("pattern", [HiNM(24, 0.5, 2, 4), NM(2, 4)])
+def test_bf16_2_4_packs_value_pairs_with_ascending_positions(pattern):
+    rng = np.random.default_rng(5)
+    sw = _weight(rng, 96, 48, pattern, BF16)
+    # Reverse every stored pair: the packer must restore ascending positions and swap the values with them.
+    stripes = sw.values.shape[1] // 2
+    values = sw.values.reshape(48, stripes, 2)[..., ::-1].reshape(48, -1)
+    positions = np.asarray(sw.positions()).reshape(48, stripes, 2)[..., ::-1].reshape(48, -1)
+    sw_rev = dataclasses.replace(sw, values=values, metadata=pack_metadata(jnp.asarray(positions), sw.m))
+    np.testing.assert_array_equal(np.asarray(sw_rev.densify(), np.float32), np.asarray(sw.densify(), np.float32))
+    assert packing.use_pairs(sw.dtype, sw.n, sw.m) and not packing.use_pairs(F32, 2, 4)
+    nb = sw.vector_index.shape[0]
+    v = 48 // nb
+    g = -(-v // 16)
+    for w in (sw, sw_rev):
+        p = _cpu.pack(w)
+        assert p["values"].shape == (nb, g, stripes, 32) and p["positions"].shape == (nb, g, stripes, 32)
+        pos = np.asarray(p["positions"]).reshape(nb, g, stripes, 16, 2).transpose(0, 1, 3, 2, 4).reshape(nb, g * 16, stripes, 2)
+        vals = np.asarray(p["values"], np.float32).reshape(nb, g, stripes, 16, 2).transpose(0, 1, 3, 2, 4).reshape(nb, g * 16, stripes, 2)
+        assert (pos[..., 0] < pos[..., 1]).all()
+        assert not vals[:, v:].any()
+        np.testing.assert_array_equal(pos[:, :v].reshape(48, -1), np.sort(np.asarray(sw.positions()).reshape(48, stripes, 2), -1).reshape(48, -1))
+        np.testing.assert_array_equal(vals[:, :v].reshape(48, -1), np.asarray(sw.values, np.float32))
+        traced = jax.jit(_cpu.pack)(w)
+        for key in p:
+            np.testing.assert_array_equal(np.asarray(traced[key]), np.asarray(p[key]))
+
+
+@pytest.mark.parametrize("t", [1, 5, 8, 9, 33, 70])
+@pytest.mark.parametrize("mode", cpu_ffi.MODES)
+@pytest.mark.parametrize("xdt", [BF16, F32])
+@pytest.mark.parametrize("pattern", [HiNM(32, 0.5, 2, 4), HiNM(24, 0.5, 2, 4), NM(2, 4)])
+def test_bf16_pair_layout_matches_the_reference(pattern, xdt, mode, t):
+    """bfloat16 2:4 weights: the BF16 dot path (bfloat16 x, where the CPU has it) and the widened path."""
+    rng = np.random.default_rng(t)
+    k, o = 256, 96
+    sw = _weight(rng, k, o, pattern, BF16)
+    x = jnp.asarray(rng.normal(size=(t, k)), xdt)
+    b = jnp.asarray(rng.normal(size=(o,)), jnp.float32)
+    for out in (F32, BF16):
+        y = cpu_ffi.spmm(x, _cpu.pack(sw), n=2, m=4, vector_size=sw.vector_size, out_dtype=out, bias=b, mode=mode)
+        assert y.dtype == out
+        assert _rel_err(y, _oracle(x.astype(jnp.float32), sw, b)) <= (1e-5 if xdt == F32 and out == F32 else 1e-2)
+
+
 def test_pack_for_cpu_stores_device_arrays_once():
     rng = np.random.default_rng(1)
     sw = _weight(rng, 64, 32, HiNM(16, 0.5), F32)
@@ -215,11 +260,15 @@ _CHECK = textwrap.dedent(
     w = jax.random.normal(jax.random.key(0), (192, 96))
     sw = hinm_jax.compress({"w": w}, hinm_jax.prune({"w": w}, "hinm:32:0.5:2:4"))["w"]
     x = jax.random.normal(jax.random.key(1), (40, 192))
+    sw16 = hinm_jax.compress({"w": w.astype(jnp.bfloat16)}, hinm_jax.prune({"w": w}, "hinm:32:0.5:2:4"))["w"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ys = [hinm_jax.sparse_matmul(x[:t], sw) for t in (1, 40, 40)]
+        ys16 = [hinm_jax.sparse_matmul(x[:t].astype(jnp.bfloat16), sw16) for t in (1, 40)]  # the pair layout
     ref = np.asarray(x, np.float64) @ np.asarray(sw.densify(), np.float64)
     assert all(np.max(np.abs(y - ref[: y.shape[0]])) < 1e-4 for y in ys)
+    ref16 = np.asarray(x.astype(jnp.bfloat16), np.float64) @ np.asarray(sw16.densify(), np.float64)
+    assert all(np.max(np.abs(np.asarray(y, np.float64) - ref16[: y.shape[0]])) < 2e-2 * np.max(np.abs(ref16)) for y in ys16)
     print("available", hinm_jax.ops.available_implementations())
     for w in caught:
         print("WARNING", w.category.__name__, str(w.message).replace(chr(10), " "))
