@@ -195,30 +195,76 @@ def teacher_targets(model, params, buckets, rows: int = 64):
     return out
 
 
-def make_step(model, tx, frozen):
-    """One jitted distillation step on the encoder layers (the embedding tables are not
-    pruned and stay frozen): per-layer hidden-state MSE, normalised by the teacher's
-    mean square, plus ``1 - cosine`` of the sentence embeddings."""
+def attention_maps(model, variables, ids, mask):
+    """``(output, [per layer (B, heads, T, T) attention probabilities])``."""
+    out, state = model.apply(variables, ids, mask, output_hidden_states=True, mutable=["intermediates"])
+    inter = state["intermediates"]
+    maps = [inter[k]["attention"][0] for k in sorted((k for k in inter if k.startswith("layer_")),
+                                                     key=lambda k: int(k.split("_")[1]))]
+    return out, maps
 
-    def loss_fn(params, masks, ids, mask, t_hidden, t_emb):
-        student = model.apply({"params": {**frozen, **optim.ste_apply(params, masks)}}, ids, mask, output_hidden_states=True)
-        w = mask[:, :, None].astype(jnp.float32)
-        hidden = 0.0
-        for i, hs in enumerate(student.hidden_states[1:]):
-            ht = t_hidden[:, i].astype(jnp.float32)
-            hidden += jnp.sum(jnp.square(hs - ht) * w) / jnp.sum(jnp.square(ht) * w)
-        hidden /= len(student.hidden_states) - 1
-        cos = jnp.mean(jnp.sum(student.embedding * t_emb, axis=-1))
-        return hidden + (1.0 - cos), cos
+
+def make_step(model, tx, frozen, *, w_hidden=1.0, w_cos=1.0, w_rel=0.0, w_attn=0.0, teacher=None):
+    """One jitted distillation step on the encoder layers (the embedding tables are not
+    pruned and stay frozen). The loss, each term weighted by its ``w_*``:
+
+    - ``hidden``: per-layer hidden-state MSE, normalised by the teacher's mean square;
+    - ``cos``: ``1 - cosine`` of the sentence embeddings;
+    - ``rel``: the batch's embedding similarity structure (relational distillation):
+      mean squared difference between the student's and the teacher's cosine-similarity
+      matrices of the batch's sentences (off-diagonal pairs);
+    - ``attn``: attention-map distillation: KL(teacher || student) of every head's
+      attention distribution, averaged over layers, heads and real query tokens (the
+      teacher's maps are computed in the step from ``teacher``, the dense parameters).
+    """
+
+    def loss_fn(params, masks, ids, mask, t_hidden, t_emb, t_params):
+        variables = {"params": {**frozen, **optim.ste_apply(params, masks)}}
+        loss = 0.0
+        if w_attn > 0:
+            student, s_maps = attention_maps(model, variables, ids, mask)
+            _, t_maps = attention_maps(model, {"params": t_params}, ids, mask)
+            q = mask[:, None, :, None].astype(jnp.float32)  # real query tokens
+            kl = 0.0
+            for sm, tm in zip(s_maps, t_maps):
+                tm = jax.lax.stop_gradient(tm.astype(jnp.float32))
+                sm = sm.astype(jnp.float32)
+                kl += jnp.sum(q * tm * (jnp.log(tm + 1e-9) - jnp.log(sm + 1e-9))) / (jnp.sum(q) * tm.shape[1])
+            loss += w_attn * kl / len(s_maps)
+        else:
+            student = model.apply(variables, ids, mask, output_hidden_states=w_hidden > 0)
+        if w_hidden > 0:
+            w = mask[:, :, None].astype(jnp.float32)
+            hidden = 0.0
+            for i, hs in enumerate(student.hidden_states[1:]):
+                ht = t_hidden[:, i].astype(jnp.float32)
+                hidden += jnp.sum(jnp.square(hs - ht) * w) / jnp.sum(jnp.square(ht) * w)
+            loss += w_hidden * hidden / (len(student.hidden_states) - 1)
+        emb, t_e = student.embedding, t_emb  # L2-normalised (the sentence-transformers output)
+        cos = jnp.mean(jnp.sum(emb * t_e, axis=-1))
+        if w_cos > 0:
+            loss += w_cos * (1.0 - cos)
+        if w_rel > 0:
+            rows = emb.shape[0]
+            off = 1.0 - jnp.eye(rows)
+            loss += w_rel * jnp.sum(jnp.square(emb @ emb.T - t_e @ t_e.T) * off) / (rows * (rows - 1))
+        return loss, cos
 
     @jax.jit
-    def step(params, state, lr, ids, mask, t_hidden, t_emb):
+    def jitted(params, state, lr, ids, mask, t_hidden, t_emb, t_params):
         (loss, cos), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, optim.get_masks(state), ids, mask, t_hidden, t_emb
+            params, optim.get_masks(state), ids, mask, t_hidden, t_emb, t_params
         )
         state = set_learning_rate(state, lr)
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss, cos
+
+    if w_attn > 0 and teacher is None:
+        raise ValueError("make_step: w_attn > 0 needs teacher= (the dense parameters)")
+    t_params = teacher if w_attn > 0 else None
+
+    def step(params, state, lr, ids, mask, t_hidden, t_emb):
+        return jitted(params, state, lr, ids, mask, t_hidden, t_emb, t_params)
 
     return step
 
@@ -230,17 +276,34 @@ def set_learning_rate(state: optim.SparsityState, lr) -> optim.SparsityState:
     return state._replace(inner_state=inner._replace(hyperparams=hyper))
 
 
-def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, seed, label):
+def lr_schedule(name: str, lr: float):
+    """The learning rate as a function of the schedule step (1000 schedule steps = the
+    budget): ``cosine`` (warmup 50 then cosine decay to ``lr / 20``), ``linear`` (warmup
+    50 then linear decay to 0) or ``constant`` (warmup 50)."""
+    if name == "cosine":
+        return optax.warmup_cosine_decay_schedule(lr / 50, lr, warmup_steps=50, decay_steps=1000, end_value=lr / 20)
+    if name == "linear":
+        return optax.join_schedules([optax.linear_schedule(lr / 50, lr, 50), optax.linear_schedule(lr, 0.0, 950)], [50])
+    if name == "constant":
+        return optax.join_schedules([optax.linear_schedule(lr / 50, lr, 50), optax.constant_schedule(lr)], [50])
+    raise ValueError(f"schedule={name!r}: expected cosine, linear or constant")
+
+
+def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, seed, label, schedule="cosine",
+             loss_weights=None, teacher=None):
     """Distils the dense model into the masked one (``init`` with ``masks``) for
-    ``seconds`` (or ``max_steps``). The learning rate follows optax's warmup-cosine
-    schedule stretched over the time budget (1000 schedule steps = the budget)."""
+    ``seconds`` (or ``max_steps``). The learning rate follows ``schedule``
+    (:func:`lr_schedule`) stretched over the budget (1000 schedule steps = the budget:
+    the time, or ``max_steps`` when that ends first); ``loss_weights`` are
+    :func:`make_step`'s ``w_*``."""
     encoder = [k for k in init if k.startswith("layer_")]
     frozen = {k: v for k, v in init.items() if k not in encoder}
     params = {k: init[k] for k in encoder}
-    schedule = optax.warmup_cosine_decay_schedule(lr / 50, lr, warmup_steps=50, decay_steps=1000, end_value=lr / 20)
+    schedule = lr_schedule(schedule, lr)
     tx = optim.sparsify(optax.inject_hyperparams(optax.adam)(learning_rate=lr), masks={k: masks[k] for k in encoder})
     state = tx.init(params)
-    step = make_step(model, tx, frozen)
+    teacher = None if teacher is None else jax.tree.map(jnp.asarray, teacher)
+    step = make_step(model, tx, frozen, teacher=teacher, **(loss_weights or {}))
     share = np.array([len(b[0]) for b in buckets], float)
     rng = np.random.default_rng(seed)
     history = []
@@ -335,6 +398,40 @@ def plot_curves(path, histories: dict):
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- mask cache
+
+
+def _cache_file(folder: Path, key: dict) -> Path:
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return folder / f"masks_{key['variant']}_{digest}.pkl"
+
+
+def load_masks(folder: Path | None, key: dict):
+    """``(masks, search seconds)`` cached under ``key`` in ``folder``, or ``None``."""
+    import pickle
+
+    if folder is None or not _cache_file(folder, key).exists():
+        return None
+    stored = pickle.loads(_cache_file(folder, key).read_bytes())
+    if stored["key"] != key:
+        return None
+    return jax.tree.map(jnp.asarray, stored["masks"]), stored["seconds"]
+
+
+def save_masks(folder: Path | None, key: dict, masks, seconds: float) -> None:
+    """Stores ``masks`` (as numpy arrays) under ``key`` in ``folder`` (created)."""
+    import pickle
+
+    if folder is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = _cache_file(folder, key).with_suffix(".tmp")
+    tmp.write_bytes(pickle.dumps({"key": key, "masks": jax.device_get(masks), "seconds": seconds}))
+    tmp.replace(_cache_file(folder, key))
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -384,6 +481,26 @@ def main(argv=None):
     ap.add_argument("--variants", default="plain,2cp",
                     help="comma-separated pruned models to build: plain (no permutation) and/or 2cp; the last one "
                          "is compressed, timed and saved")
+    ap.add_argument("--allocation", choices=("uniform", "error"), default="uniform",
+                    help="per-layer sparsity: the pattern in every layer (uniform), or per-layer HiNM vector "
+                         "sparsities at the same whole-model density, chosen by layer sensitivity "
+                         "(hinm_jax.allocate_sparsity: least score mass removed)")
+    ap.add_argument("--allocation-cost", choices=("relative", "absolute"), default="relative",
+                    help="allocate_sparsity's cost= (each layer's removed score mass as a fraction of its own, "
+                         "or absolute)")
+    ap.add_argument("--loss-hidden", type=float, default=1.0, help="weight of the hidden-state MSE term")
+    ap.add_argument("--loss-cos", type=float, default=1.0, help="weight of the 1 - embedding cosine term")
+    ap.add_argument("--loss-rel", type=float, default=0.0,
+                    help="weight of the relational term: MSE between the student's and the teacher's "
+                         "cosine-similarity matrices of each batch")
+    ap.add_argument("--loss-attn", type=float, default=0.0,
+                    help="weight of the attention-map term: KL(teacher || student) of every head's attention "
+                         "(the teacher runs in every step, about 1.3x the step time)")
+    ap.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine",
+                    help="learning-rate schedule over the budget (warmup 50/1000 of it, then ...)")
+    ap.add_argument("--mask-cache", type=Path, default=None,
+                    help="folder caching the pruned (and 2CP-permuted) masks, keyed by the exact pruning "
+                         "configuration, so that repeated runs skip the permutation search")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("out/minilm_demo"))
     ap.add_argument("--fast", action="store_true", help="tiny budget: a smoke run for the test suite")
@@ -429,27 +546,54 @@ def main(argv=None):
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not variants or set(variants) - {"plain", "2cp"} or len(set(variants)) != len(variants):
         raise SystemExit(f"--variants {args.variants!r}: a comma-separated subset of plain,2cp")
+    layer_pattern = pattern
+    if args.allocation == "error":
+        t0 = time.perf_counter()
+        layer_pattern = hinm_jax.allocate_sparsity(params, pattern, score=score, where=ENCODER_LINEAR,
+                                                   cost=args.allocation_cost)
+        counts = {}
+        for p_ in layer_pattern.values():
+            counts[p_.vector_sparsity] = counts.get(p_.vector_sparsity, 0) + 1
+        print(f"allocation by layer sensitivity ({args.allocation_cost} cost, {time.perf_counter() - t0:.1f} s): "
+              f"vector sparsity -> layers {dict(sorted(counts.items()))}")
+        for p_, pat in layer_pattern.items():
+            print(f"  {p_.strip('^$').replace(chr(92), ''):<34} {pat}")
     masks, t_perm = {}, 0.0
     for name in variants:
         t0 = time.perf_counter()
-        if name == "plain":
-            masks[name] = hinm_jax.prune(params, pattern, score=score, where=ENCODER_LINEAR)
+        cache_key = {"variant": name, "pattern": pattern.spec, "allocation": args.allocation,
+                     "allocation_cost": args.allocation_cost if args.allocation != "uniform" else None,
+                     "score": args.score, "corpus": args.corpus, "calibration": args.calibration,
+                     "seed": args.seed, "fast": args.fast}
+        cached = load_masks(args.mask_cache, cache_key)
+        if cached is not None:
+            masks[name], t_search = cached
+            print(f"{name} masks from the cache {args.mask_cache} (search took {t_search:.1f} s when computed)")
+        elif name == "plain":
+            masks[name] = hinm_jax.prune(params, layer_pattern, score=score, where=ENCODER_LINEAR)
+            t_search = time.perf_counter() - t0
         else:
             opts = {"ocp_cycles": 0, "ocp_descent": 2, "ivp_rounds": 2} if args.fast else {}
             masks[name] = hinm_jax.prune(
-                params, pattern, score=score, where=ENCODER_LINEAR, permute="2cp", key=key, permute_options=opts
+                params, layer_pattern, score=score, where=ENCODER_LINEAR, permute="2cp", key=key, permute_options=opts
             )
-            t_perm = time.perf_counter() - t0
+            t_search = time.perf_counter() - t0
+        if cached is None:
+            save_masks(args.mask_cache, cache_key, masks[name], t_search)
+        if name == "2cp":
+            t_perm = t_search
     last = variants[-1]
-    summary = hinm_jax.summary(params, masks[last], pattern, where=ENCODER_LINEAR)
-    print(f"pruned {len(summary.pruned)} encoder linear layers to {pattern} by {args.score} score "
-          f"(whole-model density {summary.density:.3f}); 2CP search {t_perm:.1f} s")
+    summary = hinm_jax.summary(params, masks[last], layer_pattern, where=ENCODER_LINEAR)
+    pruned_density = sum(r.kept for r in summary.pruned) / sum(r.total for r in summary.pruned)
+    print(f"pruned {len(summary.pruned)} encoder linear layers to {pattern} "
+          f"({'uniform' if args.allocation == 'uniform' else 'per-layer vector sparsity'}) by {args.score} score "
+          f"(density {pruned_density:.4f} over them, whole model {summary.density:.3f}); 2CP search {t_perm:.1f} s")
 
     # per-layer efficacy under the importance the search maximised (SPEC definition)
     named = {k: hinm_jax.named_leaves(m) for k, m in masks.items()}
     weights = hinm_jax.named_leaves(params)
     eff = {
-        path: hinm_jax.efficacy(score(path, weights[path]), pattern, m.layout)
+        path: hinm_jax.efficacy(score(path, weights[path]), m.pattern, m.layout)
         for path, m in named[last].items()
         if m is not None
     }
@@ -464,8 +608,9 @@ def main(argv=None):
         masked = hinm_jax.apply_masks(p, m)
         results[name][stage] = fidelity(minilm.encode(masked, tokenizer, held, model=model), dense_emb)
         task[name][stage] = task_score(masked)
-        print(f"{name} {stage}: task MRR {task[name][stage]['mrr']:.1f} (dense {task['dense']['mrr']:.1f}), "
-              f"fidelity cosine {results[name][stage]['cosine']:.4f}")
+        print(f"{name} {stage}: task MRR {task[name][stage]['mrr']:.1f} / R@1 {task[name][stage]['recall@1']:.1f} "
+              f"(dense {task['dense']['mrr']:.1f} / {task['dense']['recall@1']:.1f}), "
+              f"fidelity cosine {results[name][stage]['cosine']:.4f} / top-5 {results[name][stage]['top5']:.3f}")
 
     results = {name: {} for name in masks}
     task.update({name: {} for name in masks})
@@ -496,12 +641,17 @@ def main(argv=None):
         else:
             tuned[name], histories[name] = finetune(
                 model, starts[name], m, buckets, targets, seconds=60 * args.minutes, max_steps=args.max_steps,
-                lr=args.lr, seed=args.seed, label=name,
+                lr=args.lr, seed=args.seed, label=name, schedule=args.schedule,
+                loss_weights={"w_hidden": args.loss_hidden, "w_cos": args.loss_cos, "w_rel": args.loss_rel,
+                              "w_attn": args.loss_attn}, teacher=params,
             )
             measure(name, "fine-tuned", tuned[name], m)
         results[name]["steps"] = len(histories[name])
         results[name]["seconds"] = histories[name][-1][1] if histories[name] else 0.0
         results[name]["reconstruct_seconds"] = t_recon[name]
+
+    # the scores so far (the full summary.json, written at the end, replaces this file)
+    (args.out / "scores.json").write_text(json.dumps({"task": task, "fidelity": results}, indent=2))
 
     # sparse inference through the compressed format
     final = tuned[last]
@@ -574,6 +724,15 @@ def main(argv=None):
         "refit": None if args.no_refit else {"damp": args.refit_damp, "target": args.refit_target,
                                              "sequential": not (args.fast or args.refit_oneshot),
                                              "calibration_sentences": args.calibration},
+        "allocation": args.allocation if args.allocation == "uniform" else {
+            "method": args.allocation, "cost": args.allocation_cost,
+            "layers": {p_.strip("^$").replace(chr(92), ""): pat.spec for p_, pat in layer_pattern.items()}},
+        "pruned_layers_density": pruned_density,
+        "whole_model_density": summary.density,
+        "finetune": {"minutes": args.minutes, "max_steps": args.max_steps, "lr": args.lr, "batch": args.batch,
+                     "schedule": args.schedule, "loss": {"hidden": args.loss_hidden, "cos": args.loss_cos,
+                                                         "rel": args.loss_rel, "attn": args.loss_attn},
+                     "distill_sentences": args.distill_sentences},
         "efficacy_of": last,
         "mean_efficacy_percent": float(np.mean(list(eff.values()))),
         "permutation_seconds": t_perm,

