@@ -406,23 +406,56 @@ void unit_mode0(const Problem& p, int64_t b, int64_t g0, int64_t g1) {
 
 // ---- mode 1: tokens in lanes -----------------------------------------------------------------------
 
-// xt[tile][k][kTile] = x[tile * kTile + tt, k] for k in [k0, k1), zero past the last token.
+#if HINM_LANES == 16
+// In-register transpose of a 16 x 16 block of 32-bit elements: r[i] (row i) becomes column i.
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {  // pairs of rows, 32-bit interleave inside each 128-bit lane
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // u[4G + c], lane L: column 4L + c of rows 4G .. 4G+3
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int c = 0; c < 4; ++c) {  // 4 x 4 transpose of 128-bit lanes across r[c], r[4+c], r[8+c], r[12+c]
+    const __m512 v0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44), v1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xEE);
+    const __m512 v2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44), v3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xEE);
+    t[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    t[4 + c] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+    t[8 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    t[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+#endif
+
+// xt[tile][k][kTile] = x[tile * kTile + tt, k] for k in [k0, k1), zero past the last token. With AVX-512,
+// 16 tokens x 16 inputs at a time through registers; the inputs past the last multiple of 16 one by one.
 template <class X>
 void transpose_tile(const Problem& p, int64_t tile, int64_t k0, int64_t k1) {
   const auto* x = static_cast<const typename X::T*>(p.x);
   float* xt = p.xt + tile * p.k * kTile;
-  constexpr int64_t kc = 64;  // a 64 x kTile block stays in L1 while it is filled
-  for (int64_t ka = k0; ka < k1; ka += kc) {
-    const int64_t kb = std::min(k1, ka + kc);
-    for (int64_t tt = 0; tt < kTile; ++tt) {
-      const int64_t t = tile * kTile + tt;
-      if (t < p.t) {
-        const typename X::T* row = x + t * p.k;
-        for (int64_t k = ka; k < kb; ++k) xt[k * kTile + tt] = X::get(row, k);
-      } else {
-        for (int64_t k = ka; k < kb; ++k) xt[k * kTile + tt] = 0.0f;
+  int64_t ka = k0;
+#if HINM_LANES == 16
+  for (; ka + 16 <= k1; ka += 16) {
+    for (int64_t h = 0; h < kTile; h += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t t = tile * kTile + h + i;
+        r[i] = t < p.t ? (__m512)X::load(x + t * p.k + ka) : _mm512_setzero_ps();
       }
+      transpose16(r);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(xt + (ka + j) * kTile + h, r[j]);
     }
+  }
+#endif
+  for (int64_t tt = 0; tt < kTile && ka < k1; ++tt) {
+    const int64_t t = tile * kTile + tt;
+    const typename X::T* row = x + t * p.k;
+    for (int64_t k = ka; k < k1; ++k) xt[k * kTile + tt] = t < p.t ? X::get(row, k) : 0.0f;
   }
 }
 
@@ -581,22 +614,31 @@ void unit_mode0_dot(const Problem& p, int64_t b, int64_t g0, int64_t g1) {
   }
 }
 
-// mode 1: xt[tile][k][kTile] = bits of x[tile * kTile + tt, k] (bfloat16 tiles: half the bytes).
+// mode 1: xt[tile][k][kTile] = bits of x[tile * kTile + tt, k] (bfloat16 tiles: half the bytes). 16 tokens x
+// 16 input pairs (32-bit words) at a time through registers, then each word split into its two inputs' rows.
 inline void transpose_tile16(const Problem& p, int64_t tile, int64_t k0, int64_t k1) {
   const auto* x = static_cast<const uint16_t*>(p.x);
   uint16_t* xt = reinterpret_cast<uint16_t*>(p.xt) + tile * p.k * kTile;
-  constexpr int64_t kc = 64;
-  for (int64_t ka = k0; ka < k1; ka += kc) {
-    const int64_t kb = std::min(k1, ka + kc);
-    for (int64_t tt = 0; tt < kTile; ++tt) {
-      const int64_t t = tile * kTile + tt;
-      if (t < p.t) {
-        const uint16_t* row = x + t * p.k;
-        for (int64_t k = ka; k < kb; ++k) xt[k * kTile + tt] = row[k];
-      } else {
-        for (int64_t k = ka; k < kb; ++k) xt[k * kTile + tt] = 0;
+  int64_t ka = k0;
+  for (; ka + 32 <= k1; ka += 32) {
+    for (int64_t h = 0; h < kTile; h += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t t = tile * kTile + h + i;
+        r[i] = t < p.t ? _mm512_castsi512_ps(_mm512_loadu_si512(x + t * p.k + ka)) : _mm512_setzero_ps();
+      }
+      transpose16(r);  // r[j]: inputs ka + 2j (low half) and ka + 2j + 1 (high half) of 16 tokens
+      for (int j = 0; j < 16; ++j) {
+        const __m512i w = _mm512_castps_si512(r[j]);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(xt + (ka + 2 * j) * kTile + h), _mm512_cvtepi32_epi16(w));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(xt + (ka + 2 * j + 1) * kTile + h),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(w, 16)));
       }
     }
+  }
+  for (int64_t tt = 0; tt < kTile && ka < k1; ++tt) {
+    const int64_t t = tile * kTile + tt;
+    for (int64_t k = ka; k < k1; ++k) xt[k * kTile + tt] = t < p.t ? x[t * p.k + k] : uint16_t(0);
   }
 }
 

@@ -151,6 +151,22 @@ def test_bf16_pair_layout_matches_the_reference(pattern, xdt, mode, t):
         assert _rel_err(y, _oracle(x.astype(jnp.float32), sw, b)) <= (1e-5 if xdt == F32 and out == F32 else 1e-2)
 
 
+@pytest.mark.parametrize("k", [20, 52, 104, 1000])
+@pytest.mark.parametrize("dtypes", [(F32, F32), (BF16, BF16), (BF16, F32)])
+@pytest.mark.parametrize("pattern", [HiNM(32, 0.5, 2, 4), NM(2, 4)])
+def test_tokens_schedule_transposes_every_input_and_token(pattern, dtypes, k):
+    """x is transposed into token tiles 16 x 16 (32 for bfloat16 pairs) at a time: inputs past the last
+    whole block, tokens past T in the last tile."""
+    rng = np.random.default_rng(k)
+    xdt, wdt = dtypes
+    sw = _weight(rng, k, 96, pattern, wdt)
+    for t in (1, 17, 33, 64):
+        x = jnp.asarray(rng.normal(size=(t, k)), xdt)
+        out = jnp.result_type(xdt, wdt)
+        y = cpu_ffi.spmm(x, _cpu.pack(sw), n=2, m=4, vector_size=sw.vector_size, out_dtype=out, mode="tokens")
+        assert _rel_err(y, _oracle(x.astype(jnp.float32), sw)) <= _tol(xdt, wdt)
+
+
 def test_pack_for_cpu_stores_device_arrays_once():
     rng = np.random.default_rng(1)
     sw = _weight(rng, 64, 32, HiNM(16, 0.5), F32)
