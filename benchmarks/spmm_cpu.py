@@ -61,7 +61,8 @@ def _isa() -> str:
 
     if not hinm_jax.ops.available_implementations().count("cpu"):
         return "cpu kernel unavailable"
-    return f"cpu kernel {cpu_ffi.ffi.isa()} ({cpu_ffi.ffi.lanes()} fp32 lanes)"
+    dot = "; bfloat16 2:4 by AVX-512 BF16 dot products" if cpu_ffi.ffi.bf16_dot() else "; bfloat16 widened to float32"
+    return f"cpu kernel {cpu_ffi.ffi.isa()} ({cpu_ffi.ffi.lanes()} fp32 lanes{dot})"
 
 
 def _limits(sw, k: int, o: int, itemsize: int) -> tuple[float, float]:
