@@ -12,6 +12,9 @@
 //   vidx  (nb, K_v)         int32, each block's kept inputs in walk order.
 //   perm  (nb * V,)         int32, packed row -> output channel.
 //
+// bfloat16 values of 2:4 stripes come in the pair layout instead, vals and pos (nb, G, nnz / 2, 32): a
+// row's two values of a stripe side by side (one 32-bit word), positions ascending (see Wts below).
+//
 // Two schedules, chosen by the caller per call (attribute `mode`):
 //
 //   mode 0 (few tokens): rows in vector lanes. For each block, the kept activations of each token are
@@ -26,10 +29,12 @@
 //     at a time so R*TT/L independent accumulators hide the FMA latency. Units run in super-tiles
 //     (a group of blocks x a group of tiles) so that weights and x tiles both stay cached.
 //
-// Both schedules compute in fp32 (bf16 inputs are widened on load; bf16 outputs rounded to nearest
-// even) and write output channel perm[r] directly. Work is split into units (block pieces x token
-// tiles) taken from an atomic counter by the calling thread and by tasks on XLA's intra-op thread
-// pool (ffi::ThreadPool), so the kernel uses every core the dense dot it replaces would use.
+// Both schedules accumulate in fp32 and write output channel perm[r] directly. Work is split into
+// units (block pieces x token tiles) taken from an atomic counter by the calling thread and by
+// tasks on XLA's intra-op thread pool (ffi::ThreadPool), so the kernel uses every core the dense
+// dot it replaces would use. bf16 activations with pair-layout weights use the AVX-512 BF16 dot
+// product (vdpbf16ps: two multiply-adds per lane) where the build has it; other bf16 inputs are
+// widened to fp32 on load. bf16 outputs are rounded to nearest even.
 //
 // Instruction sets: GCC vector extensions of L lanes, L = 16 with AVX-512, 8 with AVX2, 4 otherwise,
 // chosen by the compiler flags of the build (cpu_ffi/build.py compiles for the host, -march=native,

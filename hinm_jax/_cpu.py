@@ -3,12 +3,14 @@
 
 Runs every block-structured weight (``HiNM``, ``NM``, ``VectorWise``; any ``m`` up to 255)
 with float32 or bfloat16 weights and activations on jax's CPU backend, through ``jax.ffi``,
-on every core of XLA's intra-op thread pool. The library is compiled for the host's
-instruction set the first time :func:`is_available` is asked (into
-``~/.cache/hinm_jax/cpu``, a few seconds); importing this module compiles nothing. When no
-compiler is there or the build fails, :func:`is_available` warns once, naming the compiler's
-message, and the default dispatch uses the ``"xla"`` reference instead. Anything the kernel
-cannot run raises ``NotImplementedError`` so that the dispatch falls through.
+on every core of XLA's intra-op thread pool (bfloat16 2:4 weights, packed in value pairs, are
+multiplied with bfloat16 activations by the AVX-512 BF16 dot instructions where the CPU has
+them). The library is compiled for the host's instruction set the first time
+:func:`is_available` is asked (into ``~/.cache/hinm_jax/cpu``, a few seconds); importing this
+module compiles nothing. When no compiler is there or the build fails, :func:`is_available`
+warns once, naming the compiler's message, and the default dispatch uses the ``"xla"``
+reference instead. Anything the kernel cannot run raises ``NotImplementedError`` so that the
+dispatch falls through.
 
 Example:
     >>> import jax, jax.numpy as jnp, hinm_jax
@@ -66,7 +68,9 @@ def _pack_matrix(m: int, pairs: bool, values, metadata, vector_index, row_perm) 
 def pack(w: SparseWeight) -> dict | None:
     """The kernel layout of ``w`` as device arrays (see :mod:`cpu_ffi.packing`), or ``None``
     when the kernel cannot run ``w``. Stacked weights get a leading stack axis on every
-    array. Works under ``jit`` (traced arrays are packed with ``jax.numpy``).
+    array; bfloat16 2:4 weights are packed in the pair layout (the same on every host, so a
+    checkpoint of packed weights restores anywhere). Works under ``jit`` (traced arrays are
+    packed with ``jax.numpy``).
 
     Example:
         >>> packed = pack(sw)  # doctest: +SKIP
