@@ -167,6 +167,21 @@ def test_tokens_schedule_transposes_every_input_and_token(pattern, dtypes, k):
         assert _rel_err(y, _oracle(x.astype(jnp.float32), sw)) <= _tol(xdt, wdt)
 
 
+def test_packed_bf16_pairs_survive_a_checkpoint(tmp_path):
+    """The pair layout is told apart by its shape alone, so a restored packed weight runs as saved."""
+    rng = np.random.default_rng(7)
+    sw = hinm_jax.pack_for(_weight(rng, 128, 64, HiNM(32, 0.5, 2, 4), BF16), "cpu")
+    assert sw.packed["values"].shape[-1] == 32
+    hinm_jax.checkpoint.save(tmp_path / "ckpt", {"w": sw})
+    back = hinm_jax.checkpoint.restore(tmp_path / "ckpt")["w"]
+    assert back.packed_for == "cpu" and back.packed["values"].shape == sw.packed["values"].shape
+    x = jnp.asarray(rng.normal(size=(40, 128)), BF16)
+    np.testing.assert_array_equal(
+        np.asarray(hinm_jax.sparse_matmul(x, back, implementation="cpu"), np.float32),
+        np.asarray(hinm_jax.sparse_matmul(x, sw, implementation="cpu"), np.float32),
+    )
+
+
 def test_pack_for_cpu_stores_device_arrays_once():
     rng = np.random.default_rng(1)
     sw = _weight(rng, 64, 32, HiNM(16, 0.5), F32)
