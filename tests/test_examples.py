@@ -29,7 +29,7 @@ def test_minilm_demo_fast(tmp_path):
     demo = _load("minilm_demo")
     # the per-layer allocation, the relational loss term and the mask cache ride along
     summary = demo.main(["--fast", "--out", str(tmp_path), "--allocation", "error", "--loss-rel", "1",
-                         "--mask-cache", str(tmp_path / "cache")])
+                         "--mask-cache", str(tmp_path / "cache"), "--refit"])
     for png in ("mask_2cp.png", "efficacy.png", "fidelity.png", "task.png", "distillation.png"):
         assert (tmp_path / png).stat().st_size > 1000
     assert (tmp_path / "summary.json").exists()
