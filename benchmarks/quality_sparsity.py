@@ -94,13 +94,17 @@ def plot(path: Path, dense, rows) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for variant, marker in (("plain", "o"), ("2cp", "s")):
+    for variant, marker, color in (("plain", "o", "tab:blue"), ("2cp", "s", "tab:orange")):
         sel = [r for r in rows if r["variant"] == variant]
         x = [100 * r["sparsity"] for r in sel]
-        axes[0].plot(x, [r["task"][r["final"]]["mrr"] for r in sel], marker=marker, label=f"{variant}, after recipe")
-        axes[0].plot(x, [r["task"]["pruned"]["mrr"] for r in sel], marker=marker, ls=":", alpha=0.6,
+        axes[0].plot(x, [r["task"][r["final"]]["mrr"] for r in sel], marker=marker, color=color,
+                     label=f"{variant}, after recipe")
+        axes[0].plot(x, [r["task"]["pruned"]["mrr"] for r in sel], marker=marker, color=color, ls=":", alpha=0.6,
                      label=f"{variant}, one-shot")
-        axes[1].plot(x, [r["fidelity"][r["final"]]["cosine"] for r in sel], marker=marker, label=variant)
+        axes[1].plot(x, [r["fidelity"][r["final"]]["cosine"] for r in sel], marker=marker, color=color,
+                     label=f"{variant}, after recipe")
+        axes[1].plot(x, [r["fidelity"]["pruned"]["cosine"] for r in sel], marker=marker, color=color, ls=":",
+                     alpha=0.6, label=f"{variant}, one-shot")
     axes[0].axhline(dense["mrr"], color="k", lw=0.8, ls="--", label="dense")
     axes[0].set_ylabel("task MRR (x100)")
     axes[1].set_ylabel("held-out embedding cosine to dense")

@@ -152,3 +152,30 @@ def test_distillation_loss_terms():
             assert (float(loss) > 1e-6) == positive, (positive, w, float(loss))
     with pytest.raises(ValueError, match="teacher"):
         demo.make_step(model, tx, frozen, w_attn=1.0)
+
+
+def test_quality_sparsity_reads_summaries(tmp_path):
+    """benchmarks/quality_sparsity.py --read: one table row per (pattern, variant), and a PNG."""
+    import json
+
+    pytest.importorskip("matplotlib")
+    spec = importlib.util.spec_from_file_location(
+        "quality_sparsity", EXAMPLES.parent / "benchmarks" / "quality_sparsity.py")
+    qs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(qs)
+    score = lambda m: {"mrr": m, "recall@1": m / 2, "recall@10": m, "pool": 1000}  # noqa: E731
+    fid = {"cosine": 0.9, "top5": 0.6}
+    files = []
+    for pattern, density in (("2:4", 0.5), ("hinm:32:0.5:2:4", 0.25)):
+        s = {"pattern": pattern, "pruned_layers_density": density, "allocation": "uniform",
+             "task": {"dense": score(32.0)}, "fidelity": {}}
+        for variant in ("plain", "2cp"):
+            s["task"][variant] = {"pruned": score(20.0), "reconstructed": None, "fine-tuned": score(30.0)}
+            s["fidelity"][variant] = {"pruned": fid, "reconstructed": None, "fine-tuned": fid, "steps": 1000}
+        files.append(tmp_path / f"{density}.json")
+        files[-1].write_text(json.dumps(s))
+    rows = qs.main(["--read", *map(str, files), "--out", str(tmp_path / "out")])
+    assert [(r["sparsity"], r["variant"]) for r in rows] == [(0.5, "plain"), (0.5, "2cp"), (0.75, "plain"), (0.75, "2cp")]
+    md = (tmp_path / "out" / "quality_sparsity.md").read_text()
+    assert "| 2:4 | 50.0% | plain | 20.0 / 10.0 | — | 30.0 / 15.0 | -2.0 |" in md
+    assert (tmp_path / "out" / "quality_sparsity.png").stat().st_size > 1000
