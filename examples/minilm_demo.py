@@ -312,6 +312,11 @@ def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, se
     share = np.array([len(b[0]) for b in buckets], float)
     rng = np.random.default_rng(seed)
     history = []
+    # compile the step for every bucket's shape first (results discarded), so that the time
+    # budget, and the schedule's progress through it, count training steps only
+    for (ids, att, rows), (t_hidden, t_emb) in zip(buckets, targets):
+        jax.block_until_ready(step(params, state, schedule(0), jnp.asarray(ids[:rows]), jnp.asarray(att[:rows]),
+                                   jnp.asarray(t_hidden[:rows]), jnp.asarray(t_emb[:rows])))
     t0 = time.perf_counter()
     bar = tqdm(total=max_steps, desc=f"fine-tune {label}", unit="step")
     for i in itertools.count():
