@@ -33,8 +33,10 @@ Run: python examples/minilm_demo.py [--max-steps 1000] [--fast]
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
+import pickle
 import time
 from pathlib import Path
 
@@ -412,19 +414,16 @@ def plot_curves(path, histories: dict):
 
 
 def _cache_file(folder: Path, key: dict) -> Path:
-    import hashlib
-
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     return folder / f"masks_{key['variant']}_{digest}.pkl"
 
 
 def load_masks(folder: Path | None, key: dict):
     """``(masks, search seconds)`` cached under ``key`` in ``folder``, or ``None``."""
-    import pickle
-
-    if folder is None or not _cache_file(folder, key).exists():
+    path = None if folder is None else _cache_file(folder, key)
+    if path is None or not path.exists():
         return None
-    stored = pickle.loads(_cache_file(folder, key).read_bytes())
+    stored = pickle.loads(path.read_bytes())
     if stored["key"] != key:
         return None
     return jax.tree.map(jnp.asarray, stored["masks"]), stored["seconds"]
@@ -432,14 +431,13 @@ def load_masks(folder: Path | None, key: dict):
 
 def save_masks(folder: Path | None, key: dict, masks, seconds: float) -> None:
     """Stores ``masks`` (as numpy arrays) under ``key`` in ``folder`` (created)."""
-    import pickle
-
     if folder is None:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = _cache_file(folder, key).with_suffix(".tmp")
+    path = _cache_file(folder, key)
+    tmp = path.with_suffix(".tmp")
     tmp.write_bytes(pickle.dumps({"key": key, "masks": jax.device_get(masks), "seconds": seconds}))
-    tmp.replace(_cache_file(folder, key))
+    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- main

@@ -191,14 +191,12 @@ def allocate_sparsity(
                              vector_sparsities=vector_sparsities, cost=cost)
     base = as_pattern(pattern)
     paths = list(table)
-    sizes = {}
-    for p, options in table.items():
-        base_kept = next(kept for pat, kept, _ in options if pat.vector_sparsity == base.vector_sparsity)
-        sizes[p] = base_kept
+    uniform = sum(next(kept for pat, kept, _ in options if pat.vector_sparsity == base.vector_sparsity)
+                  for options in table.values())
     total = sum(int(np.prod(np.shape(leaf))) for path, leaf in flatten_with_paths(params, is_leaf=is_mask_leaf)
                 if path in table)
     if density is None:
-        target = sum(sizes.values())
+        target = uniform
     else:
         if isinstance(density, bool) or not isinstance(density, (int, float, np.floating)):
             raise TypeError(f"density={density!r}: expected a float in (0, 1]")
