@@ -17,7 +17,8 @@ distillation, and run through the compressed format.
    (:func:`hinm_jax.reconstruct.reconstruct`): it raises the one-shot task score but lowers
    it after fine-tuning, so it is off by default (``benchmarks/ablations_13.md``).
    ``--allocation error`` gives each layer its own HiNM vector sparsity at the same
-   whole-model density (:func:`hinm_jax.allocate_sparsity`).
+   whole-model density (:func:`hinm_jax.allocate_sparsity`); ``--allocation outlier`` chooses
+   them by OWL's layer outlier ratios (``method="outlier"``).
    Calibration and distillation use general English (``--corpus wordnet``: WordNet glosses
    and examples of synsets not in the evaluation) or the old standard-library docstrings.
 5. Runs the fine-tuned 2CP model through ``compress`` + ``sparse_inference``, checks it
@@ -494,13 +495,18 @@ def main(argv=None):
     ap.add_argument("--variants", default="plain,2cp",
                     help="comma-separated pruned models to build: plain (no permutation) and/or 2cp; the last one "
                          "is compressed, timed and saved")
-    ap.add_argument("--allocation", choices=("uniform", "error"), default="uniform",
+    ap.add_argument("--allocation", choices=("uniform", "error", "outlier"), default="uniform",
                     help="per-layer sparsity: the pattern in every layer (uniform), or per-layer HiNM vector "
                          "sparsities at the same whole-model density, chosen by layer sensitivity "
-                         "(hinm_jax.allocate_sparsity: least score mass removed)")
+                         "(hinm_jax.allocate_sparsity method='error': least score mass removed) or by the layers' "
+                         "outlier ratios (method='outlier': OWL, more outliers keep more)")
     ap.add_argument("--allocation-cost", choices=("relative", "absolute"), default="relative",
-                    help="allocate_sparsity's cost= (each layer's removed score mass as a fraction of its own, "
-                         "or absolute)")
+                    help="--allocation error: allocate_sparsity's cost= (each layer's removed score mass as a "
+                         "fraction of its own, or absolute)")
+    ap.add_argument("--outlier-threshold", type=float, default=5.0,
+                    help="--allocation outlier: OWL's M (a score is an outlier above M times its layer's mean)")
+    ap.add_argument("--outlier-range", type=float, default=0.08,
+                    help="--allocation outlier: OWL's lambda (the target layer sparsities span 2 lambda)")
     ap.add_argument("--loss-hidden", type=float, default=1.0, help="weight of the hidden-state MSE term")
     ap.add_argument("--loss-cos", type=float, default=1.0, help="weight of the 1 - embedding cosine term")
     ap.add_argument("--loss-rel", type=float, default=0.0,
@@ -564,10 +570,18 @@ def main(argv=None):
         t0 = time.perf_counter()
         layer_pattern = hinm_jax.allocate_sparsity(params, pattern, score=score, where=ENCODER_LINEAR,
                                                    cost=args.allocation_cost)
+        how = f"layer sensitivity ({args.allocation_cost} cost"
+    elif args.allocation == "outlier":
+        t0 = time.perf_counter()
+        layer_pattern = hinm_jax.allocate_sparsity(params, pattern, score=score, where=ENCODER_LINEAR,
+                                                   method="outlier", outlier_threshold=args.outlier_threshold,
+                                                   outlier_range=args.outlier_range)
+        how = f"outlier ratio (OWL, M={args.outlier_threshold:g}, lambda={args.outlier_range:g}"
+    if args.allocation != "uniform":
         counts = {}
         for p_ in layer_pattern.values():
             counts[p_.vector_sparsity] = counts.get(p_.vector_sparsity, 0) + 1
-        print(f"allocation by layer sensitivity ({args.allocation_cost} cost, {time.perf_counter() - t0:.1f} s): "
+        print(f"{args.allocation} allocation by {how}, {time.perf_counter() - t0:.1f} s): "
               f"vector sparsity -> layers {dict(sorted(counts.items()))}")
         for p_, pat in layer_pattern.items():
             print(f"  {p_.strip('^$').replace(chr(92), ''):<34} {pat}")
@@ -575,9 +589,11 @@ def main(argv=None):
     for name in variants:
         t0 = time.perf_counter()
         cache_key = {"variant": name, "pattern": pattern.spec, "allocation": args.allocation,
-                     "allocation_cost": args.allocation_cost if args.allocation != "uniform" else None,
+                     "allocation_cost": args.allocation_cost if args.allocation == "error" else None,
                      "score": args.score, "corpus": args.corpus, "calibration": args.calibration,
                      "seed": args.seed, "fast": args.fast}
+        if args.allocation == "outlier":  # the keys of the other methods stay as they were
+            cache_key["allocation_outlier"] = {"threshold": args.outlier_threshold, "range": args.outlier_range}
         cached = load_masks(args.mask_cache, cache_key)
         if cached is not None:
             masks[name], t_search = cached
@@ -599,7 +615,8 @@ def main(argv=None):
     summary = hinm_jax.summary(params, masks[last], layer_pattern, where=ENCODER_LINEAR)
     pruned_density = sum(r.kept for r in summary.pruned) / sum(r.total for r in summary.pruned)
     print(f"pruned {len(summary.pruned)} encoder linear layers to {pattern} "
-          f"({'uniform' if args.allocation == 'uniform' else 'per-layer vector sparsity'}) by {args.score} score "
+          f"({'uniform' if args.allocation == 'uniform' else f'per-layer vector sparsity, {args.allocation} allocation'}) "
+          f"by {args.score} score "
           f"(density {pruned_density:.4f} over them, whole model {summary.density:.3f}); 2CP search {t_perm:.1f} s")
 
     # per-layer efficacy under the importance the search maximised (SPEC definition)
@@ -738,7 +755,9 @@ def main(argv=None):
                                              "sequential": not (args.fast or args.refit_oneshot),
                                              "calibration_sentences": args.calibration},
         "allocation": args.allocation if args.allocation == "uniform" else {
-            "method": args.allocation, "cost": args.allocation_cost,
+            "method": args.allocation,
+            **({"cost": args.allocation_cost} if args.allocation == "error" else
+               {"outlier_threshold": args.outlier_threshold, "outlier_range": args.outlier_range}),
             "layers": {p_.strip("^$").replace(chr(92), ""): pat.spec for p_, pat in layer_pattern.items()}},
         "pruned_layers_density": pruned_density,
         "whole_model_density": summary.density,

@@ -150,3 +150,119 @@ def test_errors():
         allocate_sparsity({"odd": jnp.ones((64, 12))}, BASE, where="odd")
     with pytest.raises(ValueError, match=r"a: shape=\(64, 16\) but its score has shape"):
         allocate_sparsity(params, BASE, score={"a": jnp.ones((16, 64))})
+
+
+# --------------------------------------------------------------------------- method="outlier" (OWL)
+
+
+def _spiky(key, shape, n_spikes, scale=1000.0):
+    """Normal weights with ``n_spikes`` entries ``scale`` times larger: ``n_spikes`` outliers."""
+    w = jax.random.normal(key, shape)
+    flat = w.reshape(-1)
+    idx = jax.random.choice(jax.random.fold_in(key, 1), flat.size, (n_spikes,), replace=False)
+    return flat.at[idx].set(scale).reshape(shape)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.sampled_from([16, 32, 48, 64]), st.sampled_from([8, 16, 24])), min_size=1, max_size=5),
+    spikes=st.lists(st.integers(0, 12), min_size=5, max_size=5),
+    seed=st.integers(0, 2**16),
+    outlier_range=st.sampled_from([0.0, 0.08, 0.2]),
+)
+def test_outlier_exact_uniform_density(shapes, spikes, seed, outlier_range):
+    keys = jax.random.split(jax.random.key(seed), len(shapes))
+    params = {f"l{i}": _spiky(k, s, spikes[i]) for i, (k, s) in enumerate(zip(keys, shapes))}
+    per_layer = allocate_sparsity(params, BASE, method="outlier", outlier_range=outlier_range)
+    assert sorted(per_layer) == sorted(f"^l{i}$" for i in range(len(shapes)))
+    for regex, pat in per_layer.items():
+        assert (pat.vector_size, pat.n, pat.m) == (BASE.vector_size, BASE.n, BASE.m)
+        assert pat.fit_error(*params[regex.strip("^$")].shape) is None
+    kept, _ = _kept(params, per_layer)
+    assert kept == _uniform_kept(params)  # exactly the uniform pattern's number of weights
+
+
+def test_outlier_explicit_density():
+    keys = jax.random.split(jax.random.key(7), 2)
+    params = {"a": _spiky(keys[0], (64, 16), 10), "b": jax.random.normal(keys[1], (64, 16))}
+    # 0.3125 = (0.375 + 0.25) / 2: reachable only with the layers at different vector sparsities
+    per_layer = allocate_sparsity(params, BASE, method="outlier", density=0.3125)
+    kept, total = _kept(params, per_layer)
+    assert kept == round(0.3125 * total)
+    assert per_layer["^a$"].vector_sparsity < per_layer["^b$"].vector_sparsity
+    with pytest.raises(ValueError, match="nearest reachable"):
+        allocate_sparsity(params, BASE, method="outlier", density=0.3)
+
+
+def test_outlier_layer_with_more_outliers_keeps_more():
+    keys = jax.random.split(jax.random.key(8), 3)
+    params = {
+        "plain": jax.random.uniform(keys[0], (64, 16), minval=0.5, maxval=1.5),  # no score > 5x the mean
+        "spiky": _spiky(keys[1], (64, 16), 12),
+        "some": _spiky(keys[2], (64, 16), 3),
+    }
+    per_layer = allocate_sparsity(params, BASE, method="outlier")
+    density = {r.strip("^$"): p.density(64) for r, p in per_layer.items()}
+    assert density["spiky"] >= density["some"] >= density["plain"]
+    assert density["spiky"] > density["plain"]  # lambda = 0.08: targets 0.33 and 0.17 around 0.25
+    assert _kept(params, per_layer)[0] == _uniform_kept(params)
+    # the table's costs: size * (candidate density - target)**2, one row per layer
+    table = allocation_table(params, BASE, method="outlier")
+    assert set(table) == set(params)
+    assert all(c >= 0 for opts in table.values() for _, _, c in opts)
+    # no spread (lambda = 0) or a single layer: every target is the uniform density, so the uniform pattern
+    flat = allocate_sparsity(params, BASE, method="outlier", outlier_range=0.0)
+    assert {p.vector_sparsity for p in flat.values()} == {0.5}
+    single = allocate_sparsity({"spiky": params["spiky"]}, BASE, method="outlier")
+    assert single["^spiky$"].vector_sparsity == 0.5
+
+
+def test_outlier_threshold_and_scores():
+    # the outlier ratio uses the given scores (Wanda-like here), not |W|: the score makes "b" the outlier layer
+    w = jax.random.uniform(jax.random.key(9), (64, 16), minval=0.5, maxval=1.5)
+    params = {"a": w, "b": w}
+    boost = jnp.ones((64, 16)).at[:2, :4].set(1000.0)
+    per_layer = allocate_sparsity(params, BASE, method="outlier",
+                                  score=lambda path, x: jnp.abs(x) * (boost if path == "b" else 1.0))
+    assert per_layer["^b$"].vector_sparsity < per_layer["^a$"].vector_sparsity
+    # a threshold above every ratio of score to mean: no outliers anywhere, the uniform pattern
+    per_layer = allocate_sparsity(params, BASE, method="outlier", outlier_threshold=1e9,
+                                  score=lambda path, x: jnp.abs(x) * (boost if path == "b" else 1.0))
+    assert {p.vector_sparsity for p in per_layer.values()} == {0.5}
+
+
+def test_owl_target_densities():
+    from hinm_jax.allocate import _owl_densities
+
+    sizes = np.array([100, 300, 50, 50])
+    goal = _owl_densities([0.01, 0.0, 0.03, 0.02], sizes, 0.25, 0.08)
+    assert np.isclose(np.average(goal, weights=sizes), 0.25)
+    assert np.isclose(goal.max() - goal.min(), 0.16)
+    assert np.argmax(goal) == 2 and np.argmin(goal) == 1  # linear in the ratio: more outliers, denser
+    np.testing.assert_allclose(_owl_densities([0.1, 0.1], [1, 2], 0.3, 0.08), [0.3, 0.3])
+
+
+def test_outlier_errors():
+    params = {"a": jnp.ones((64, 16))}
+    with pytest.raises(ValueError, match="method='owl'"):
+        allocate_sparsity(params, BASE, method="owl")
+    with pytest.raises(TypeError, match="method=1"):
+        allocate_sparsity(params, BASE, method=1)
+    with pytest.raises(ValueError, match="outlier_threshold=0"):
+        allocate_sparsity(params, BASE, method="outlier", outlier_threshold=0)
+    with pytest.raises(ValueError, match="outlier_threshold=inf"):
+        allocate_sparsity(params, BASE, method="outlier", outlier_threshold=float("inf"))
+    with pytest.raises(TypeError, match="outlier_threshold='5'"):
+        allocate_sparsity(params, BASE, method="outlier", outlier_threshold="5")
+    with pytest.raises(ValueError, match="outlier_range=-0.1"):
+        allocate_sparsity(params, BASE, method="outlier", outlier_range=-0.1)
+    with pytest.raises(ValueError, match="outlier_range=nan"):
+        allocate_sparsity(params, BASE, method="outlier", outlier_range=float("nan"))
+    with pytest.raises(TypeError, match="outlier_range=True"):
+        allocate_sparsity(params, BASE, method="outlier", outlier_range=True)
+    with pytest.raises(ValueError, match="method='OWL'"):
+        allocation_table(params, BASE, method="OWL")
+    with pytest.raises(ValueError, match=r"a: shape=\(64, 16\).*>= 0"):
+        allocate_sparsity(params, BASE, method="outlier", score=lambda p, w: -w)
+    with pytest.raises(ValueError, match=r"odd: shape=\(64, 12\)"):
+        allocate_sparsity({"odd": jnp.ones((64, 12))}, BASE, where="odd", method="outlier")
