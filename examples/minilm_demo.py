@@ -298,17 +298,32 @@ def lr_schedule(name: str, lr: float):
 
 
 def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, seed, label, schedule="cosine",
-             loss_weights=None, teacher=None):
+             loss_weights=None, teacher=None, score=None, gradual=0.0, refresh_every=0, sr_ste=0.0):
     """Distils the dense model into the masked one (``init`` with ``masks``) for
     ``seconds`` (or ``max_steps``). The learning rate follows ``schedule``
     (:func:`lr_schedule`) stretched over the budget (1000 schedule steps = the budget:
     the time, or ``max_steps`` when that ends first); ``loss_weights`` are
-    :func:`make_step`'s ``w_*``."""
+    :func:`make_step`'s ``w_*``.
+
+    ``gradual`` > 0: start from the dense weights; the vector level ramps to its target
+    over that fraction of ``max_steps``, then N:M switches on over a quarter of it
+    (:func:`hinm_jax.optim.gradual`), the masks recomputed by ``score`` from the current
+    weights (keeping each mask's output permutation) every twentieth of the ramp.
+    ``refresh_every`` > 0 (one-shot masks): N:M re-chosen by ``score`` every that many steps,
+    keeping the layout. ``sr_ste``: SR-STE's lambda (0: off). Returns the fine-tuned
+    parameters (exactly sparse), the history and the final masks."""
     encoder = [k for k in init if k.startswith("layer_")]
     frozen = {k: v for k, v in init.items() if k not in encoder}
     params = {k: init[k] for k in encoder}
     schedule = lr_schedule(schedule, lr)
-    tx = optim.sparsify(optax.inject_hyperparams(optax.adam)(learning_rate=lr), masks={k: masks[k] for k in encoder})
+    sparsity = {}
+    if gradual > 0:
+        ramp = max(1, int(gradual * max_steps))
+        sparsity = {"schedule": optim.gradual(ramp, nm_steps=max(1, ramp // 4)), "refresh_every": max(1, ramp // 20)}
+    elif refresh_every > 0:
+        sparsity = {"refresh_every": int(refresh_every)}
+    tx = optim.sparsify(optax.inject_hyperparams(optax.adam)(learning_rate=lr), masks={k: masks[k] for k in encoder},
+                        score=score, sr_ste=float(sr_ste) if sr_ste > 0 else False, **sparsity)
     state = tx.init(params)
     teacher = None if teacher is None else jax.tree.map(jnp.asarray, teacher)
     step = make_step(model, tx, frozen, teacher=teacher, **(loss_weights or {}))
@@ -337,7 +352,16 @@ def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, se
         bar.update(1)
         bar.set_postfix(loss=f"{float(loss):.4f}", cos=f"{float(cos):.4f}")
     bar.close()
-    return {**frozen, **optim.final_params(params, state)}, history
+    final = optim.get_masks(state)
+    def mask_leaves(tree):
+        return [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, hinm_jax.Mask)) if isinstance(x, hinm_jax.Mask)]
+
+    if "schedule" in sparsity and any(  # a time limit ended the ramp early: prune to the target now
+            float(a.density) != float(b.density)
+            for a, b in zip(mask_leaves(final), mask_leaves({k: masks[k] for k in encoder}))):
+        final = optim.refresh(params, final, score=score, schedule=sparsity["schedule"], step=2**30)
+        state = optim.set_masks(state, final)
+    return {**frozen, **optim.final_params(params, state)}, history, {**masks, **final}
 
 
 # --------------------------------------------------------------------------- plots
@@ -515,6 +539,13 @@ def main(argv=None):
     ap.add_argument("--loss-attn", type=float, default=0.0,
                     help="weight of the attention-map term: KL(teacher || student) of every head's attention "
                          "(the teacher runs in every step, about 1.3x the step time)")
+    ap.add_argument("--gradual", type=float, default=0.0,
+                    help="fraction of --max-steps over which the pruning ramps from the dense weights (vector level, "
+                         "then N:M; masks recomputed by the score as the weights train, 2CP's output permutation kept); "
+                         "0: one-shot masks")
+    ap.add_argument("--refresh-every", type=int, default=0,
+                    help="one-shot masks: re-choose N:M by the score every this many steps (0: fixed masks)")
+    ap.add_argument("--sr-ste", type=float, default=0.0, help="SR-STE's lambda (0: off)")
     ap.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine",
                     help="learning-rate schedule over the budget (warmup 50/1000 of it, then ...)")
     ap.add_argument("--mask-cache", type=Path, default=None,
@@ -663,19 +694,20 @@ def main(argv=None):
 
     buckets = length_buckets(tokenizer, train, args.batch)
     targets = teacher_targets(model, params, buckets) if args.minutes > 0 else None
-    histories, tuned = {}, {}
+    histories, tuned, final_masks = {}, {}, dict(masks)  # final_masks: after any mask refresh
     for name, m in masks.items():
         if args.minutes <= 0:
             tuned[name], histories[name] = starts[name], []
             results[name]["fine-tuned"], task[name]["fine-tuned"] = None, None  # not run
         else:
-            tuned[name], histories[name] = finetune(
+            tuned[name], histories[name], final_masks[name] = finetune(
                 model, starts[name], m, buckets, targets, seconds=60 * args.minutes, max_steps=args.max_steps,
                 lr=args.lr, seed=args.seed, label=name, schedule=args.schedule,
                 loss_weights={"w_hidden": args.loss_hidden, "w_cos": args.loss_cos, "w_rel": args.loss_rel,
                               "w_attn": args.loss_attn}, teacher=params,
+                score=score, gradual=args.gradual, refresh_every=args.refresh_every, sr_ste=args.sr_ste,
             )
-            measure(name, "fine-tuned", tuned[name], m)
+            measure(name, "fine-tuned", tuned[name], final_masks[name])
         results[name]["steps"] = len(histories[name])
         results[name]["seconds"] = histories[name][-1][1] if histories[name] else 0.0
         results[name]["reconstruct_seconds"] = t_recon[name]
@@ -685,10 +717,10 @@ def main(argv=None):
 
     # sparse inference through the compressed format
     final = tuned[last]
-    sparse = hinm_jax.compress(final, masks[last])
+    sparse = hinm_jax.compress(final, final_masks[last])
     with hinm_jax.sparse_inference():
         sparse_emb = minilm.encode(sparse, tokenizer, held, model=model)
-    masked_emb = minilm.encode(hinm_jax.apply_masks(final, masks[last]), tokenizer, held, model=model)
+    masked_emb = minilm.encode(hinm_jax.apply_masks(final, final_masks[last]), tokenizer, held, model=model)
     err = float(np.max(np.abs(sparse_emb - masked_emb)))
     assert err < 1e-4, f"sparse inference differs from the masked-dense model: {err}"
     compressed = [leaf for leaf in jax.tree.leaves(sparse, is_leaf=lambda x: isinstance(x, hinm_jax.SparseWeight))
@@ -764,7 +796,8 @@ def main(argv=None):
         "finetune": {"minutes": args.minutes, "max_steps": args.max_steps, "lr": args.lr, "batch": args.batch,
                      "schedule": args.schedule, "loss": {"hidden": args.loss_hidden, "cos": args.loss_cos,
                                                          "rel": args.loss_rel, "attn": args.loss_attn},
-                     "distill_sentences": args.distill_sentences},
+                     "distill_sentences": args.distill_sentences, "gradual": args.gradual,
+                     "refresh_every": args.refresh_every, "sr_ste": args.sr_ste},
         "efficacy_of": last,
         "mean_efficacy_percent": float(np.mean(list(eff.values()))),
         "permutation_seconds": t_perm,

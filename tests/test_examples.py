@@ -154,6 +154,46 @@ def test_distillation_loss_terms():
         demo.make_step(model, tx, frozen, w_attn=1.0)
 
 
+def test_finetune_gradual_and_refresh():
+    """Gradual pruning and mask refresh end exactly at the target pattern, with the masks
+    the returned weights are sparse in (also when the time limit cuts the ramp short)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import hinm_jax
+    from hinm_jax.models import minilm
+
+    demo = _load("minilm_demo")
+    cfg = minilm.MiniLMConfig(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128)
+    model = minilm.MiniLM(cfg)
+    ids = jax.random.randint(jax.random.key(0), (8, 8), 1, 1000)
+    att = jnp.ones((8, 8), jnp.int32)
+    params = model.init(jax.random.key(1), ids, att)["params"]
+    out = model.apply({"params": params}, ids, att, output_hidden_states=True)
+    buckets = [(np.asarray(ids), np.asarray(att), 4)]
+    targets = [(np.asarray(jnp.stack(out.hidden_states[1:], axis=1)), np.asarray(out.embedding))]
+    one_shot = hinm_jax.prune(params, "hinm:32:0.5:2:4", where=r"^layer_\d+/.*/kernel$")
+    score = lambda path, w: jnp.abs(w)  # noqa: E731
+
+    def leaves(tree):
+        return [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, hinm_jax.Mask))
+                if isinstance(x, hinm_jax.Mask)]
+
+    for kw, seconds in (({"gradual": 0.5}, 60.0), ({"gradual": 0.5}, 1e-9), ({"refresh_every": 2}, 60.0)):
+        tuned, history, final = demo.finetune(model, params, one_shot, buckets, targets, seconds=seconds,
+                                              max_steps=8, lr=1e-3, seed=0, label="t", score=score, **kw)
+        assert len(history) == (1 if seconds < 1 else 8)
+        for got, want in zip(leaves(final), leaves(one_shot)):
+            assert float(got.density) == float(want.density) == 0.25
+            np.testing.assert_array_equal(got.layout.row_perm, want.layout.row_perm)  # π kept
+        # the returned weights are zero wherever the final masks are off
+        for layer in ("layer_0", "layer_1"):
+            for name in ("query", "key", "value", "attention_output", "intermediate", "output"):
+                w, m = tuned[layer][name]["kernel"], final[layer][name]["kernel"].mask
+                assert not np.any(np.asarray(w)[~np.asarray(m)]), (layer, name)
+
+
 def test_quality_sparsity_reads_summaries(tmp_path):
     """benchmarks/quality_sparsity.py --read: one table row per (pattern, variant), and a PNG."""
     import json
