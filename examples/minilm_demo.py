@@ -353,6 +353,7 @@ def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, se
         bar.set_postfix(loss=f"{float(loss):.4f}", cos=f"{float(cos):.4f}")
     bar.close()
     final = optim.get_masks(state)
+
     def mask_leaves(tree):
         return [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, hinm_jax.Mask)) if isinstance(x, hinm_jax.Mask)]
 
