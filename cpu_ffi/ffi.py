@@ -95,7 +95,9 @@ def spmm(x, packed: dict, *, n: int, m: int, vector_size: int, out_dtype, bias=N
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
     tile = tile_tokens()
-    work = (-(-t // tile)) * k * tile * 4 if mode == "tokens" else 0
+    # tokens schedule: the transposed x tiles, then room for the outputs staged in packed-row order
+    # (used when a block's rows go to non-consecutive channels; the kernel decides from row_perm)
+    work = (-(-t // tile)) * (k + o) * tile * 4 if mode == "tokens" else 0
     if bias is None:
         bias = jnp.zeros((0,), jnp.float32)
     call = jax.ffi.ffi_call(

@@ -29,7 +29,9 @@
 //     at a time so R*TT/L independent accumulators hide the FMA latency. Units run in super-tiles
 //     (a group of blocks x a group of tiles) so that weights and x tiles both stay cached.
 //
-// Both schedules accumulate in fp32 and write output channel perm[r] directly. Work is split into
+// Both schedules accumulate in fp32 and write output channel perm[r] directly; mode 1 stages the
+// outputs of a permuted layout (rows of a block going to non-consecutive channels, as after 2CP) in
+// packed-row order and writes each finished token tile 16 channels x 16 tokens at a time (permute_out). Work is split into
 // units (block pieces x token tiles) taken from an atomic counter by the calling thread and by
 // tasks on XLA's intra-op thread pool (ffi::ThreadPool), so the kernel uses every core the dense
 // dot it replaces would use. bf16 activations with pair-layout weights use the AVX-512 BF16 dot
@@ -229,6 +231,13 @@ struct Problem {
   const float* bias;    // nullptr: none
   void* y;
   float* xt;            // mode 1: transposed tiles, ceil(t / kTile) * k * kTile floats
+  // mode 1 with permuted output rows (row_perm not consecutive inside a block): each unit stores its
+  // partial outputs in packed-row order, stage[tile][packed row][kTile], and the unit that completes a
+  // tile writes it to y, 16 channels x 16 tokens at a time (see permute_out). nullptr: direct writes.
+  float* stage;
+  const int32_t* inv;             // output channel -> packed row (the inverse of perm), with stage
+  std::atomic<int32_t>* tile_done;  // units finished per tile, with stage
+  int64_t pieces;                 // units per tile (mode 1)
   bool direct;          // a single block whose vector index is 0..K-1
 };
 
@@ -252,31 +261,25 @@ inline void put_row(const Problem& p, int64_t row, int64_t t0, int64_t cnt, cons
   for (int64_t i = 0; i < cnt; ++i) Y::put(y, (t0 + i) * p.o + c, acc[i * stride] + b);
 }
 
-// Writes a unit's outputs token by token (each output row once per unit): y[t0 + tt, perm[r]] =
-// at(r, tt) + bias for r < rows, tt < cnt. Rows whose channels are consecutive (no output
-// permutation) are stored as vectors.
+// Writes a unit's outputs token by token (each output row once per unit): y[t0 + tt, c0 + r] =
+// at(r, tt) + bias for r < rows, tt < cnt: rows whose channels are consecutive from c0 (permuted
+// layouts are staged instead, see finish_unit), in float32 stored as vectors.
 template <class Y, class At>
-inline void put_tokens(const Problem& p, const int32_t* perm, int64_t rows, int64_t t0, int64_t cnt, const At& at) {
-  auto* y = static_cast<typename Y::T*>(p.y) + t0 * p.o;
-  bool consecutive = true;
-  for (int64_t r = 1; r < rows && consecutive; ++r) consecutive = perm[r] == perm[0] + r;
+inline void put_tokens(const Problem& p, int64_t c0, int64_t rows, int64_t t0, int64_t cnt, const At& at) {
+  auto* y = static_cast<typename Y::T*>(p.y) + t0 * p.o + c0;
+  const float* bias = p.bias ? p.bias + c0 : nullptr;
   for (int64_t tt = 0; tt < cnt; ++tt, y += p.o) {
     int64_t r = 0;
     if constexpr (std::is_same_v<Y, F32>) {
-      if (consecutive) {
-        alignas(64) float buf[L];
-        for (; r + L <= rows; r += L) {
-          for (int l = 0; l < L; ++l) buf[l] = at(r + l, tt);
-          vf v = loadf(buf);
-          if (p.bias) v += loadf(p.bias + perm[r]);
-          storef(y + perm[r], v);
-        }
+      alignas(64) float buf[L];
+      for (; r + L <= rows; r += L) {
+        for (int l = 0; l < L; ++l) buf[l] = at(r + l, tt);
+        vf v = loadf(buf);
+        if (bias) v += loadf(bias + r);
+        storef(y + r, v);
       }
     }
-    for (; r < rows; ++r) {
-      const int64_t c = perm[r];
-      Y::put(y, c, at(r, tt) + (p.bias ? p.bias[c] : 0.0f));
-    }
+    for (; r < rows; ++r) Y::put(y, r, at(r, tt) + (bias ? bias[r] : 0.0f));
   }
 }
 
@@ -474,7 +477,7 @@ inline int64_t chunk_stripes(const Problem& p) {
 // panel (whose row 0 is stripe j0's first input); partial sums in acc (R rows x kTile).
 // N, M > 0: the stripe shape known at compile time (2:4, unrolled); 0: p.n, p.m.
 template <class W, int R, int N, int M>
-inline void rows_tokens_in_lanes(const Problem& p, int64_t b, int64_t g, int l0, int64_t j0, int64_t j1,
+__attribute__((always_inline)) inline void rows_tokens_in_lanes(const Problem& p, int64_t b, int64_t g, int l0, int64_t j0, int64_t j1,
                                  const float* panel, float* acc_mem, bool first) {
   constexpr int U = kTile / L;
   const int64_t n = N ? N : p.n, m = M ? M : p.m;
@@ -496,6 +499,80 @@ inline void rows_tokens_in_lanes(const Problem& p, int64_t b, int64_t g, int l0,
   }
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < U; ++u) storef(acc_mem + r * kTile + u * L, acc[r][u]);
+}
+
+// Accumulator lane of token tt in mode 1 (two vectors per row). The bfloat16 dot schedule's unpack
+// order puts tokens 0-3, 8-11, 16-19, 24-27 in the first vector, 4-7, 12-15, ... in the second.
+inline int64_t dot_lane(int64_t tt) { return ((tt >> 2) & 1) * L + (tt >> 3) * 4 + (tt & 3); }
+template <bool Dot>
+inline int64_t lane_token(int64_t lane) {  // the token of a lane: the inverse of the lane order in use
+  if (!Dot) return lane;
+  const int64_t hi = lane / L, in = lane % L;  // in = (tt >> 3) * 4 + (tt & 3), hi = (tt >> 2) & 1
+  return (in / 4) * 8 + hi * 4 + in % 4;
+}
+
+// Writes tile `tile` of the stage to y: y[t0 + tt, c] = stage[tile][inv[c]][lane of tt] (+ bias). With
+// AVX-512, 16 channels at a time: their 16 staged rows are loaded (two vectors of 16 lanes each) and
+// transposed in registers, so that each token's 16 outputs are one vector store into y.
+template <class Y, bool Dot>
+__attribute__((noinline)) void permute_out(const Problem& p, int64_t tile) {
+  const float* st = p.stage + tile * p.o * kTile;
+  const int64_t t0 = tile * kTile, cnt = std::min<int64_t>(kTile, p.t - t0);
+  auto* y = static_cast<typename Y::T*>(p.y);
+  int64_t c0 = 0;
+#if HINM_LANES == 16
+  for (; c0 + 16 <= p.o; c0 += 16) {
+    const __m512 bias = p.bias ? _mm512_loadu_ps(p.bias + c0) : _mm512_setzero_ps();
+    for (int h = 0; h < kTile / 16; ++h) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(st + int64_t(p.inv[c0 + i]) * kTile + h * 16);
+      transpose16(r);  // r[j]: lane h * 16 + j of the 16 channels
+      for (int j = 0; j < 16; ++j) {
+        const int64_t tt = lane_token<Dot>(h * 16 + j);
+        if (tt >= cnt) continue;
+        const __m512 v = _mm512_add_ps(r[j], bias);
+        if constexpr (std::is_same_v<Y, F32>) {
+          _mm512_storeu_ps(y + (t0 + tt) * p.o + c0, v);
+        } else {
+          alignas(64) float buf[16];
+          _mm512_store_ps(buf, v);
+          for (int i = 0; i < 16; ++i) Y::put(y, (t0 + tt) * p.o + c0 + i, buf[i]);
+        }
+      }
+    }
+  }
+#endif
+  for (int64_t c = c0; c < p.o; ++c) {
+    const float* row = st + int64_t(p.inv[c]) * kTile;
+    const float b = p.bias ? p.bias[c] : 0.0f;
+    for (int64_t lane = 0; lane < kTile; ++lane) {
+      const int64_t tt = lane_token<Dot>(lane);
+      if (tt < cnt) Y::put(y, (t0 + tt) * p.o + c, row[lane] + b);
+    }
+  }
+}
+
+// The end of a unit of mode 1 (packed rows g0 * kGroup .. + rows of block b, one token tile, partial
+// sums acc[r * kTile + lane]): writes y directly when the rows' channels are consecutive; otherwise
+// stages the rows, and the unit that completes the tile writes the whole tile (permute_out). Scattered
+// single-channel stores of permuted rows would touch one cache line per value, and units of the same
+// tile running on two cores would write into the same lines.
+template <class Y, bool Dot>
+__attribute__((noinline)) void stage_unit(const Problem& p, int64_t b, int64_t g0, int64_t rows, int64_t tile, const float* acc) {
+  float* st = p.stage + (tile * p.o + b * p.v + g0 * kGroup) * kTile;
+  std::memcpy(st, acc, size_t(rows * kTile) * sizeof(float));
+  if (p.tile_done[tile].fetch_add(1, std::memory_order_acq_rel) + 1 == p.pieces) permute_out<Y, Dot>(p, tile);
+}
+
+template <class Y, bool Dot>
+void finish_unit(const Problem& p, int64_t b, int64_t g0, int64_t rows, int64_t tile, const float* acc) {
+  if (!p.stage) {
+    const int64_t t0 = tile * kTile;
+    put_tokens<Y>(p, p.perm[b * p.v + g0 * kGroup], rows, t0, std::min<int64_t>(kTile, p.t - t0),
+                  [&](int64_t r, int64_t tt) { return acc[r * kTile + (Dot ? dot_lane(tt) : tt)]; });
+    return;
+  }
+  stage_unit<Y, Dot>(p, b, g0, rows, tile, acc);
 }
 
 // Unit of mode 1: groups [g0, g1) of block b, one token tile. The block's kept rows of the x tile
@@ -536,9 +613,7 @@ void unit_mode1(const Problem& p, int64_t b, int64_t g0, int64_t g1, int64_t til
       }
     }
   }
-  const int64_t t0 = tile * kTile;
-  put_tokens<Y>(p, p.perm + b * p.v + g0 * kGroup, rows, t0, std::min<int64_t>(kTile, p.t - t0),
-                [&](int64_t r, int64_t tt) { return acc[r * kTile + tt]; });
+  finish_unit<Y, false>(p, b, g0, rows, tile, acc);
 }
 
 // ---- bfloat16 dot products: bfloat16 activations, pair layout, AVX-512 BF16 ----------------------
@@ -655,9 +730,6 @@ constexpr int64_t kPairWords = 2 * kTile;                // one pair tile, in bf
 constexpr int64_t kStripeWords = kPairs * kPairWords;    // one stripe of the panel
 constexpr int16_t kPairAt[16] = {0, 0, 1, 2, 0, 0, 3, 4, 0, 0, 0, 5, 0, 0, 0, 0};  // by p0 * 4 + p1, p0 < p1
 
-// Accumulator lane of token tt in mode 1 (two vectors per row, the unpack order above).
-inline int64_t dot_lane(int64_t tt) { return ((tt >> 2) & 1) * L + (tt >> 3) * 4 + (tt & 3); }
-
 template <int R>
 inline void rows_dot_tokens(const Problem& p, int64_t b, int64_t g, int l0, int64_t j0, int64_t j1,
                             const uint16_t* panel, float* acc_mem, bool first) {
@@ -715,9 +787,7 @@ void unit_mode1_dot(const Problem& p, int64_t b, int64_t g0, int64_t g1, int64_t
       rows_dot_tokens<kRows>(p, b, local / kGroup, int(local % kGroup), j0, j1, panel, acc + qd * kRows * kTile, j0 == 0);
     }
   }
-  const int64_t t0 = tile * kTile;
-  put_tokens<Y>(p, p.perm + b * p.v + g0 * kGroup, rows, t0, std::min<int64_t>(kTile, p.t - t0),
-                [&](int64_t r, int64_t tt) { return acc[r * kTile + dot_lane(tt)]; });
+  finish_unit<Y, true>(p, b, g0, rows, tile, acc);
 }
 #else
 #define HINM_BF16_DOT 0
@@ -768,7 +838,7 @@ inline int64_t groups_per_unit(const Problem& p, int64_t threads, int64_t tiles,
 constexpr double kParallelFrom = 1 << 18;
 
 template <class X, class W, class Y, class Pool>
-void run(const Problem& p, int64_t mode, Pool& pool) {
+void run(Problem p, int64_t mode, Pool& pool) {
   // bfloat16 activations with pair-layout weights take the BF16 dot products where the CPU has them.
   constexpr bool dot = HINM_BF16_DOT && std::is_same_v<X, BF16> && W::pairs;
   const double work = double(p.o) * double(p.nnz) * double(p.t);
@@ -802,6 +872,12 @@ void run(const Problem& p, int64_t mode, Pool& pool) {
   // stay in the caches while the units that share them run; walking all tiles of a piece, or all
   // pieces of a tile, would stream one of the two from memory again and again at large T.
   const int64_t pieces = p.nb * per_block;
+  std::unique_ptr<std::atomic<int32_t>[]> done;  // staged outputs: units finished per tile
+  if (p.stage) {
+    done.reset(new std::atomic<int32_t>[size_t(tiles)]());
+    p.tile_done = done.get();
+  }
+  p.pieces = pieces;
   const double piece_bytes = double(gpu * kGroup) * double(p.nnz) * (double(sizeof(typename W::T)) + 1.0);
   const double tile_bytes = double(p.k) * kTile * (dot ? 2 : 4);
   const int64_t pg = std::clamp<int64_t>(int64_t(kSuperBytes / piece_bytes), 1, pieces);
@@ -854,8 +930,13 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   if (bias.element_count() != 0 && int64_t(bias.element_count()) != p.o)
     return ffi::Error::InvalidArgument("hinm_spmm_cpu: bias must have O entries or none");
   if (mode != 0 && mode != 1) return ffi::Error::InvalidArgument("hinm_spmm_cpu: mode must be 0 or 1");
+  // Mode 1 stages the outputs when a block's rows go to non-consecutive channels (see finish_unit).
+  bool consecutive = true;
+  for (int64_t b = 0; b < p.nb && consecutive; ++b)
+    for (int64_t r = 1; r < p.v && consecutive; ++r) consecutive = perm.typed_data()[b * p.v + r] == perm.typed_data()[b * p.v] + r;
+  const bool staged = mode == 1 && !consecutive;
   const int64_t tiles = (p.t + kTile - 1) / kTile;
-  if (mode == 1 && int64_t(work->element_count()) < tiles * p.k * kTile * int64_t(sizeof(float)))
+  if (mode == 1 && int64_t(work->element_count()) < tiles * (p.k + (staged ? p.o : 0)) * kTile * int64_t(sizeof(float)))
     return ffi::Error::InvalidArgument("hinm_spmm_cpu: work buffer too small for mode 1");
   p.x = x.untyped_data();
   p.vals = vals.untyped_data();
@@ -866,6 +947,10 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   p.y = y->untyped_data();
   p.xt = reinterpret_cast<float*>(work->typed_data());
   p.direct = false;
+  p.stage = nullptr;
+  p.inv = nullptr;
+  p.tile_done = nullptr;
+  p.pieces = 0;
   if (p.nb == 1 && p.kv == p.k) {
     p.direct = true;
     for (int64_t j = 0; j < p.kv && p.direct; ++j) p.direct = p.vidx[j] == j;
@@ -873,9 +958,18 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   // Indices are the packer's and were validated there; a damaged layout must still not read outside x.
   for (int64_t j = 0; j < p.nb * p.kv; ++j)
     if (p.vidx[j] < 0 || p.vidx[j] >= p.k) return ffi::Error::InvalidArgument("hinm_spmm_cpu: vector index out of range");
-  for (int64_t r = 0; r < p.o; ++r)
+  // Every channel comes from exactly one packed row (permute_out reads inv[c] for each).
+  std::vector<int32_t> inv(size_t(p.o), -1);
+  for (int64_t r = 0; r < p.o; ++r) {
     if (p.perm[r] < 0 || p.perm[r] >= p.o) return ffi::Error::InvalidArgument("hinm_spmm_cpu: row permutation out of range");
+    if (inv[size_t(p.perm[r])] >= 0) return ffi::Error::InvalidArgument("hinm_spmm_cpu: row permutation repeats a channel");
+    inv[size_t(p.perm[r])] = int32_t(r);
+  }
   if (p.t == 0) return ffi::Error::Success();
+  if (staged) {
+    p.inv = inv.data();
+    p.stage = p.xt + tiles * p.k * kTile;
+  }
 
   using ffi::DataType;
   const DataType xt = x.element_type(), wt = vals.element_type(), yt = y->element_type();
@@ -916,7 +1010,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HinmSpmmCpu, hinm_cpu::Spmm,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // perm (O,)
                                   .Arg<ffi::Buffer<ffi::F32>>()   // bias (O,) or (0,)
                                   .Ret<ffi::AnyBuffer>()          // y (T, O)
-                                  .Ret<ffi::Buffer<ffi::U8>>()    // work bytes (mode 1: x tiles)
+                                  .Ret<ffi::Buffer<ffi::U8>>()    // work bytes (mode 1: x tiles, then the staged outputs)
                                   .Attr<int64_t>("n")
                                   .Attr<int64_t>("m")
                                   .Attr<int64_t>("vector_size")

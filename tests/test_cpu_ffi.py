@@ -245,6 +245,37 @@ def test_sparse_matmul_cpu_against_the_xla_reference(pattern, t):
     assert _rel_err(y, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("layout", ["identity", "blocks", "rows"])
+@pytest.mark.parametrize("dtypes", [(F32, F32), (BF16, BF16)])
+def test_tokens_schedule_writes_every_channel_of_any_row_permutation(layout, dtypes):
+    """Rows of a block going to non-consecutive channels (as after 2CP) are staged and written per
+    finished token tile, 16 channels x 16 tokens at a time; O = 40 leaves a tail of 8 channels."""
+    rng = np.random.default_rng(11)
+    xdt, wdt = dtypes
+    k, o, v = 64, 40, 8
+    sw = _weight(rng, k, o, HiNM(v, 0.5, 2, 4), wdt, permuted=False)
+    perm = {"identity": np.arange(o),
+            "blocks": rng.permutation(o // v).repeat(v) * v + np.tile(np.arange(v), o // v),  # consecutive per block
+            "rows": rng.permutation(o)}[layout]
+    sw = dataclasses.replace(sw, row_perm=jnp.asarray(perm, jnp.int32))
+    b = jnp.asarray(rng.normal(size=(o,)), jnp.float32)
+    for t in (16, 33, 70, 200):
+        x = jnp.asarray(rng.normal(size=(t, k)), xdt)
+        for out in (F32, BF16):
+            y = cpu_ffi.spmm(x, _cpu.pack(sw), n=2, m=4, vector_size=v, out_dtype=out, bias=b, mode="tokens")
+            tol = 1e-5 if (xdt, wdt, out) == (F32, F32, F32) else 1e-2
+            assert _rel_err(y, _oracle(x.astype(jnp.float32), sw, b)) <= tol, (t, out)
+
+
+@pytest.mark.parametrize("mode", cpu_ffi.MODES)
+def test_a_row_permutation_that_repeats_a_channel_is_rejected(mode):
+    sw = _weight(np.random.default_rng(12), 64, 32, HiNM(16, 0.5, 2, 4), F32)
+    packed = dict(_cpu.pack(sw))
+    packed["row_perm"] = packed["row_perm"].at[1].set(packed["row_perm"][0])
+    with pytest.raises(Exception, match="repeats a channel"):
+        jax.block_until_ready(cpu_ffi.spmm(jnp.ones((40, 64)), packed, n=2, m=4, vector_size=16, out_dtype=F32, mode=mode))
+
+
 def test_jit_leading_dims_and_gradient_in_x():
     rng = np.random.default_rng(3)
     sw = hinm_jax.pack_for(_weight(rng, 128, 64, HiNM(32, 0.5), F32), "cpu")
@@ -300,6 +331,10 @@ _CHECK = textwrap.dedent(
     assert all(np.max(np.abs(y - ref[: y.shape[0]])) < 1e-4 for y in ys)
     ref16 = np.asarray(x.astype(jnp.bfloat16), np.float64) @ np.asarray(sw16.densify(), np.float64)
     assert all(np.max(np.abs(np.asarray(y, np.float64) - ref16[: y.shape[0]])) < 2e-2 * np.max(np.abs(ref16)) for y in ys16)
+    import dataclasses  # output rows permuted: the tokens schedule stages its outputs
+    swp = dataclasses.replace(sw, row_perm=jnp.asarray(np.random.default_rng(0).permutation(96), jnp.int32))
+    refp = np.asarray(x, np.float64) @ np.asarray(swp.densify(), np.float64)
+    assert np.max(np.abs(hinm_jax.sparse_matmul(x, swp) - refp)) < 1e-4
     print("available", hinm_jax.ops.available_implementations())
     for w in caught:
         print("WARNING", w.category.__name__, str(w.message).replace(chr(10), " "))
