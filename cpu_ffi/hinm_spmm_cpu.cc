@@ -557,10 +557,18 @@ __attribute__((noinline)) void permute_out(const Problem& p, int64_t tile) {
 // stages the rows, and the unit that completes the tile writes the whole tile (permute_out). Scattered
 // single-channel stores of permuted rows would touch one cache line per value, and units of the same
 // tile running on two cores would write into the same lines.
+// Where a unit of mode 1 keeps its partial sums (rows x kTile): its rows of the stage when the outputs
+// are staged (the stage holds exactly the unit's rows when they fill whole register tiles), otherwise
+// the scratch buffer.
+inline float* unit_acc(const Problem& p, int64_t b, int64_t g0, int64_t rows, int64_t tile, float* scratch_acc) {
+  if (p.stage && rows % kRows == 0) return p.stage + (tile * p.o + b * p.v + g0 * kGroup) * kTile;
+  return scratch_acc;
+}
+
 template <class Y, bool Dot>
 __attribute__((noinline)) void stage_unit(const Problem& p, int64_t b, int64_t g0, int64_t rows, int64_t tile, const float* acc) {
   float* st = p.stage + (tile * p.o + b * p.v + g0 * kGroup) * kTile;
-  std::memcpy(st, acc, size_t(rows * kTile) * sizeof(float));
+  if (st != acc) std::memcpy(st, acc, size_t(rows * kTile) * sizeof(float));
   if (p.tile_done[tile].fetch_add(1, std::memory_order_acq_rel) + 1 == p.pieces) permute_out<Y, Dot>(p, tile);
 }
 
@@ -585,7 +593,7 @@ void unit_mode1(const Problem& p, int64_t b, int64_t g0, int64_t g1, int64_t til
   const int64_t quads = (rows + kRows - 1) / kRows;
   const int64_t cs = chunk_stripes(p), stripes = p.kv / p.m;
   float* buf = scratch(size_t(quads * kRows * kTile + (p.direct ? 0 : cs * p.m * kTile)));
-  float* acc = buf;
+  float* acc = unit_acc(p, b, g0, rows, tile, buf);
   float* panel = buf + quads * kRows * kTile;
   const int32_t* vi_b = p.vidx + b * p.kv;
   for (int64_t j0 = 0; j0 < stripes; j0 += cs) {
@@ -760,8 +768,9 @@ void unit_mode1_dot(const Problem& p, int64_t b, int64_t g0, int64_t g1, int64_t
   const int64_t rows = std::min<int64_t>(g1 * kGroup, p.v) - g0 * kGroup;
   const int64_t quads = (rows + kRows - 1) / kRows;
   const int64_t cs = std::max<int64_t>(1, kChunkBytes / (kStripeWords * 2)), stripes = p.kv / 4;
-  float* acc = scratch(size_t(quads * kRows * kTile + cs * kStripeWords / 2));
-  auto* panel = reinterpret_cast<uint16_t*>(acc + quads * kRows * kTile);
+  float* buf = scratch(size_t(quads * kRows * kTile + cs * kStripeWords / 2));
+  float* acc = unit_acc(p, b, g0, rows, tile, buf);
+  auto* panel = reinterpret_cast<uint16_t*>(buf + quads * kRows * kTile);
   const int32_t* vi_b = p.vidx + b * p.kv;
   for (int64_t j0 = 0; j0 < stripes; j0 += cs) {
     const int64_t j1 = std::min(stripes, j0 + cs);

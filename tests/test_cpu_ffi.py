@@ -247,12 +247,14 @@ def test_sparse_matmul_cpu_against_the_xla_reference(pattern, t):
 
 @pytest.mark.parametrize("layout", ["identity", "blocks", "rows"])
 @pytest.mark.parametrize("dtypes", [(F32, F32), (BF16, BF16)])
-def test_tokens_schedule_writes_every_channel_of_any_row_permutation(layout, dtypes):
+@pytest.mark.parametrize("v, o", [(8, 40), (6, 42)])
+def test_tokens_schedule_writes_every_channel_of_any_row_permutation(layout, dtypes, v, o):
     """Rows of a block going to non-consecutive channels (as after 2CP) are staged and written per
-    finished token tile, 16 channels x 16 tokens at a time; O = 40 leaves a tail of 8 channels."""
+    finished token tile, 16 channels x 16 tokens at a time; O = 40 / 42 leaves a tail of 8 / 10
+    channels; V = 6 rows do not fill whole register tiles (staged through the scratch buffer)."""
     rng = np.random.default_rng(11)
     xdt, wdt = dtypes
-    k, o, v = 64, 40, 8
+    k = 64
     sw = _weight(rng, k, o, HiNM(v, 0.5, 2, 4), wdt, permuted=False)
     perm = {"identity": np.arange(o),
             "blocks": rng.permutation(o // v).repeat(v) * v + np.tile(np.arange(v), o // v),  # consecutive per block
