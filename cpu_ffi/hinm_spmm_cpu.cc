@@ -552,11 +552,6 @@ __attribute__((noinline)) void permute_out(const Problem& p, int64_t tile) {
   }
 }
 
-// The end of a unit of mode 1 (packed rows g0 * kGroup .. + rows of block b, one token tile, partial
-// sums acc[r * kTile + lane]): writes y directly when the rows' channels are consecutive; otherwise
-// stages the rows, and the unit that completes the tile writes the whole tile (permute_out). Scattered
-// single-channel stores of permuted rows would touch one cache line per value, and units of the same
-// tile running on two cores would write into the same lines.
 // Where a unit of mode 1 keeps its partial sums (rows x kTile): its rows of the stage when the outputs
 // are staged (the stage holds exactly the unit's rows when they fill whole register tiles), otherwise
 // the scratch buffer.
@@ -565,6 +560,8 @@ inline float* unit_acc(const Problem& p, int64_t b, int64_t g0, int64_t rows, in
   return scratch_acc;
 }
 
+// Stages a unit's rows (unless it accumulated in place) and, if the unit completes its tile, writes
+// the tile (kept out of line: the multiply-add loop's function stays small).
 template <class Y, bool Dot>
 __attribute__((noinline)) void stage_unit(const Problem& p, int64_t b, int64_t g0, int64_t rows, int64_t tile, const float* acc) {
   float* st = p.stage + (tile * p.o + b * p.v + g0 * kGroup) * kTile;
@@ -572,6 +569,11 @@ __attribute__((noinline)) void stage_unit(const Problem& p, int64_t b, int64_t g
   if (p.tile_done[tile].fetch_add(1, std::memory_order_acq_rel) + 1 == p.pieces) permute_out<Y, Dot>(p, tile);
 }
 
+// The end of a unit of mode 1 (packed rows g0 * kGroup .. + rows of block b, one token tile, partial
+// sums acc[r * kTile + lane]): writes y directly when the rows' channels are consecutive; otherwise
+// stages the rows, and the unit that completes the tile writes the whole tile (permute_out). Scattered
+// single-channel stores of permuted rows would touch one cache line per value, and units of the same
+// tile running on two cores would write into the same lines.
 template <class Y, bool Dot>
 void finish_unit(const Problem& p, int64_t b, int64_t g0, int64_t rows, int64_t tile, const float* acc) {
   if (!p.stage) {
