@@ -31,8 +31,8 @@
 //
 // Both schedules accumulate in fp32 and write output channel perm[r] directly; mode 1 stages the
 // outputs of a permuted layout (rows of a block going to non-consecutive channels, as after 2CP) in
-// packed-row order and writes each finished token tile 16 channels x 16 tokens at a time (permute_out). Work is split into
-// units (block pieces x token tiles) taken from an atomic counter by the calling thread and by
+// packed-row order and writes each finished token tile 16 channels x 16 tokens at a time
+// (permute_out). Work is split into units (block pieces x token tiles) taken from an atomic counter by the calling thread and by
 // tasks on XLA's intra-op thread pool (ffi::ThreadPool), so the kernel uses every core the dense
 // dot it replaces would use. bf16 activations with pair-layout weights use the AVX-512 BF16 dot
 // product (vdpbf16ps: two multiply-adds per lane) where the build has it; other bf16 inputs are
@@ -476,6 +476,7 @@ inline int64_t chunk_stripes(const Problem& p) {
 // R packed rows (lanes l0 .. l0+R of group g) x one tile of kTile tokens, stripes [j0, j1) of the
 // panel (whose row 0 is stripe j0's first input); partial sums in acc (R rows x kTile).
 // N, M > 0: the stripe shape known at compile time (2:4, unrolled); 0: p.n, p.m.
+// Always inlined into its unit (GCC stops inlining it on its own once the unit's epilogue grows).
 template <class W, int R, int N, int M>
 __attribute__((always_inline)) inline void rows_tokens_in_lanes(const Problem& p, int64_t b, int64_t g, int l0, int64_t j0, int64_t j1,
                                  const float* panel, float* acc_mem, bool first) {
@@ -941,14 +942,6 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   if (bias.element_count() != 0 && int64_t(bias.element_count()) != p.o)
     return ffi::Error::InvalidArgument("hinm_spmm_cpu: bias must have O entries or none");
   if (mode != 0 && mode != 1) return ffi::Error::InvalidArgument("hinm_spmm_cpu: mode must be 0 or 1");
-  // Mode 1 stages the outputs when a block's rows go to non-consecutive channels (see finish_unit).
-  bool consecutive = true;
-  for (int64_t b = 0; b < p.nb && consecutive; ++b)
-    for (int64_t r = 1; r < p.v && consecutive; ++r) consecutive = perm.typed_data()[b * p.v + r] == perm.typed_data()[b * p.v] + r;
-  const bool staged = mode == 1 && !consecutive;
-  const int64_t tiles = (p.t + kTile - 1) / kTile;
-  if (mode == 1 && int64_t(work->element_count()) < tiles * (p.k + (staged ? p.o : 0)) * kTile * int64_t(sizeof(float)))
-    return ffi::Error::InvalidArgument("hinm_spmm_cpu: work buffer too small for mode 1");
   p.x = x.untyped_data();
   p.vals = vals.untyped_data();
   p.pos = pos.typed_data();
@@ -957,6 +950,14 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   p.bias = bias.element_count() ? bias.typed_data() : nullptr;
   p.y = y->untyped_data();
   p.xt = reinterpret_cast<float*>(work->typed_data());
+  // Mode 1 stages the outputs when a block's rows go to non-consecutive channels (see finish_unit).
+  bool consecutive = true;
+  for (int64_t b = 0; b < p.nb && consecutive; ++b)
+    for (int64_t r = 1; r < p.v && consecutive; ++r) consecutive = p.perm[b * p.v + r] == p.perm[b * p.v] + r;
+  const bool staged = mode == 1 && !consecutive;
+  const int64_t tiles = (p.t + kTile - 1) / kTile;
+  if (mode == 1 && int64_t(work->element_count()) < tiles * (p.k + (staged ? p.o : 0)) * kTile * int64_t(sizeof(float)))
+    return ffi::Error::InvalidArgument("hinm_spmm_cpu: work buffer too small for mode 1");
   p.direct = false;
   p.stage = nullptr;
   p.inv = nullptr;

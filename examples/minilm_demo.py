@@ -353,13 +353,9 @@ def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, se
         bar.set_postfix(loss=f"{float(loss):.4f}", cos=f"{float(cos):.4f}")
     bar.close()
     final = optim.get_masks(state)
-
-    def mask_leaves(tree):
-        return [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, hinm_jax.Mask)) if isinstance(x, hinm_jax.Mask)]
-
+    got, want = hinm_jax.named_leaves(final), hinm_jax.named_leaves({k: masks[k] for k in encoder})
     if "schedule" in sparsity and any(  # a time limit ended the ramp early: prune to the target now
-            float(a.density) != float(b.density)
-            for a, b in zip(mask_leaves(final), mask_leaves({k: masks[k] for k in encoder}))):
+            float(got[path].density) != float(m.density) for path, m in want.items() if m is not None):
         final = optim.refresh(params, final, score=score, schedule=sparsity["schedule"], step=2**30)
         state = optim.set_masks(state, final)
     return {**frozen, **optim.final_params(params, state)}, history, {**masks, **final}
