@@ -26,7 +26,9 @@
 //     tiles xt[tile][k][TT] (TT tokens per tile); for a block and a tile, the block's kept rows of xt
 //     are copied, a chunk of stripes at a time, into a contiguous L1 panel, then each kept value is
 //     broadcast and multiplies a TT-token row of the panel: one FMA per value per L tokens, R rows
-//     at a time so R*TT/L independent accumulators hide the FMA latency. Units run in super-tiles
+//     at a time so R*TT/L independent accumulators hide the FMA latency. Where there are two tiles or
+//     more, a float32 unit takes two tiles side by side (panel rows of 2 * TT tokens), so that each
+//     broadcast value and position serves twice the tokens. Units run in super-tiles
 //     (a group of blocks x a group of tiles) so that weights and x tiles both stay cached.
 //
 // Both schedules accumulate in fp32 and write output channel perm[r] directly; mode 1 stages the
@@ -76,7 +78,13 @@ constexpr int L = HINM_LANES;
 constexpr int kGroup = 16;  // packed rows interleaved in the layout (fixed: the packer's layout)
 constexpr int kSub = kGroup / L;
 constexpr int kTile = 2 * L;  // tokens per tile in mode 1
-constexpr int kRows = 4;      // packed rows per register tile in mode 1
+constexpr int kRows = 4;      // packed rows per register tile in mode 1 (one token tile per unit)
+// Token tiles side by side in one unit of mode 1 (float32 multiply-adds, two tiles or more): each
+// broadcast weight and position then serves 2 * kTile tokens (4 vectors with AVX-512). On one Zen 4
+// core this raised the multiply-add loop alone from 1.6 to 2.4 zmm FMA/ns (2 rows x 4 vectors; 4 x 4
+// gave 2.2), a whole single-threaded call by 0-15%; see benchmarks/RESULTS.md for two threads.
+constexpr int kSpan = 2;
+constexpr int kSpanRows = 2;  // packed rows per register tile of a two-tile unit
 constexpr int kChains = 8;    // independent accumulators in mode 0 (the FMA latency bounds a single chain)
 constexpr int kAhead = 16;    // panel rows prefetched ahead in mode 1
 constexpr int64_t kChunkBytes = 8 << 10;  // panel bytes per chunk of stripes in mode 1
@@ -261,9 +269,10 @@ inline void put_row(const Problem& p, int64_t row, int64_t t0, int64_t cnt, cons
   for (int64_t i = 0; i < cnt; ++i) Y::put(y, (t0 + i) * p.o + c, acc[i * stride] + b);
 }
 
-// Writes a unit's outputs token by token (each output row once per unit): y[t0 + tt, c0 + r] =
-// at(r, tt) + bias for r < rows, tt < cnt: rows whose channels are consecutive from c0 (permuted
-// layouts are staged instead, see finish_unit), in float32 stored as vectors.
+// Writes a unit's outputs token by token: y[t0 + tt, c0 + r] = at(r, tt) + bias for r < rows, tt <
+// cnt: rows whose channels are consecutive from c0 (permuted layouts are staged instead, see
+// finish_unit), in float32 stored as vectors. With AVX-512 only the rows past the last 16 come here
+// (put16 writes 16 at a time).
 template <class Y, class At>
 inline void put_tokens(const Problem& p, int64_t c0, int64_t rows, int64_t t0, int64_t cnt, const At& at) {
   auto* y = static_cast<typename Y::T*>(p.y) + t0 * p.o + c0;
@@ -416,7 +425,7 @@ void unit_mode0(const Problem& p, int64_t b, int64_t g0, int64_t g1) {
 
 #if HINM_LANES == 16
 // In-register transpose of a 16 x 16 block of 32-bit elements: r[i] (row i) becomes column i.
-inline void transpose16(__m512 r[16]) {
+__attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
   __m512 t[16];
   for (int i = 0; i < 16; i += 2) {  // pairs of rows, 32-bit interleave inside each 128-bit lane
     t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
@@ -469,37 +478,38 @@ void transpose_tile(const Problem& p, int64_t tile, int64_t k0, int64_t k1) {
 
 // Stripes per chunk of mode 1: a chunk's panel rows (m * kTile floats a stripe) stay in L1 while
 // every row of the unit walks them.
-inline int64_t chunk_stripes(const Problem& p) {
-  return std::max<int64_t>(1, (kChunkBytes) / (p.m * kTile * int64_t(sizeof(float))));
+inline int64_t chunk_stripes(const Problem& p, int64_t span) {
+  return std::max<int64_t>(1, (kChunkBytes) / (p.m * span * kTile * int64_t(sizeof(float))));
 }
 
-// R packed rows (lanes l0 .. l0+R of group g) x one tile of kTile tokens, stripes [j0, j1) of the
-// panel (whose row 0 is stripe j0's first input); partial sums in acc (R rows x kTile).
-// N, M > 0: the stripe shape known at compile time (2:4, unrolled); 0: p.n, p.m.
-// Always inlined into its unit (GCC stops inlining it on its own once the unit's epilogue grows).
-template <class W, int R, int N, int M>
+// R packed rows (lanes l0 .. l0+R of group g) x S token tiles side by side (panel rows and partial
+// sums of S * kTile floats), stripes [j0, j1) of the panel (whose row 0 is stripe j0's first input);
+// partial sums in acc (R rows x S * kTile). N, M > 0: the stripe shape known at compile time (2:4,
+// unrolled); 0: p.n, p.m. Always inlined into its unit (GCC stops inlining it on its own once the
+// unit's epilogue grows).
+template <class W, int R, int S, int N, int M>
 __attribute__((always_inline)) inline void rows_tokens_in_lanes(const Problem& p, int64_t b, int64_t g, int l0, int64_t j0, int64_t j1,
                                  const float* panel, float* acc_mem, bool first) {
-  constexpr int U = kTile / L;
+  constexpr int U = S * kTile / L, PT = S * kTile;
   const int64_t n = N ? N : p.n, m = M ? M : p.m;
   const auto* vals = static_cast<const typename W::T*>(p.vals) + (b * p.groups + g) * p.nnz * kGroup;
   const uint8_t* pos = p.pos + (b * p.groups + g) * p.nnz * kGroup;
   vf acc[R][U];
   for (int r = 0; r < R; ++r)
-    for (int u = 0; u < U; ++u) acc[r][u] = first ? vf{} : loadf(acc_mem + r * kTile + u * L);
+    for (int u = 0; u < U; ++u) acc[r][u] = first ? vf{} : loadf(acc_mem + r * PT + u * L);
   for (int64_t j = j0; j < j1; ++j) {
-    const float* base = panel + (j - j0) * m * kTile;
+    const float* base = panel + (j - j0) * m * PT;
     for (int64_t q = 0; q < n; ++q) {
       const int64_t i = j * n + q;
       for (int r = 0; r < R; ++r) {
         const vf w = splat(W::get(vals, i, l0 + r));
-        const float* a = base + int64_t(W::pos(pos, i, l0 + r)) * kTile;
+        const float* a = base + int64_t(W::pos(pos, i, l0 + r)) * PT;
         for (int u = 0; u < U; ++u) acc[r][u] += w * loadf(a + u * L);
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int u = 0; u < U; ++u) storef(acc_mem + r * kTile + u * L, acc[r][u]);
+    for (int u = 0; u < U; ++u) storef(acc_mem + r * PT + u * L, acc[r][u]);
 }
 
 // Accumulator lane of token tt in mode 1 (two vectors per row). The bfloat16 dot schedule's unpack
@@ -512,37 +522,48 @@ inline int64_t lane_token(int64_t lane) {  // the token of a lane: the inverse o
   return (in / 4) * 8 + hi * 4 + in % 4;
 }
 
-// Writes tile `tile` of the stage to y: y[t0 + tt, c] = stage[tile][inv[c]][lane of tt] (+ bias). With
-// AVX-512, 16 channels at a time: their 16 staged rows are loaded (two vectors of 16 lanes each) and
-// transposed in registers, so that each token's 16 outputs are one vector store into y.
+// Writes channels c0 .. c0+15 of one token tile (tokens t0 .. t0+cnt): y[t0 + tt, c0 + i] = row(i)[lane
+// of tt] + bias[i] (bias: nullptr or 16 floats), where row(i) points at channel c0 + i's kTile partial
+// sums. The 16 rows are loaded (two vectors of 16 lanes each) and transposed in registers, so that each
+// token's 16 outputs are one vector store into y.
+#if HINM_LANES == 16
+template <class Y, bool Dot, class Row>
+inline void put16(const Problem& p, int64_t t0, int64_t cnt, int64_t c0, const float* bias, const Row& row) {
+  auto* y = static_cast<typename Y::T*>(p.y);
+  const __m512 bv = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  for (int h = 0; h < kTile / 16; ++h) {
+    __m512 r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(row(i) + h * 16);
+    transpose16(r);  // r[j]: lane h * 16 + j of the 16 channels
+    for (int j = 0; j < 16; ++j) {
+      const int64_t tt = lane_token<Dot>(h * 16 + j);
+      if (tt >= cnt) continue;
+      const __m512 v = _mm512_add_ps(r[j], bv);
+      if constexpr (std::is_same_v<Y, F32>) {
+        _mm512_storeu_ps(y + (t0 + tt) * p.o + c0, v);
+      } else {
+        alignas(64) float buf[16];
+        _mm512_store_ps(buf, v);
+        for (int i = 0; i < 16; ++i) Y::put(y, (t0 + tt) * p.o + c0 + i, buf[i]);
+      }
+    }
+  }
+}
+#endif
+
+// Writes tile `tile` of the stage to y: y[t0 + tt, c] = stage[tile][inv[c]][lane of tt] (+ bias), 16
+// channels at a time with AVX-512 (put16).
 template <class Y, bool Dot>
 __attribute__((noinline)) void permute_out(const Problem& p, int64_t tile) {
   const float* st = p.stage + tile * p.o * kTile;
   const int64_t t0 = tile * kTile, cnt = std::min<int64_t>(kTile, p.t - t0);
-  auto* y = static_cast<typename Y::T*>(p.y);
   int64_t c0 = 0;
 #if HINM_LANES == 16
-  for (; c0 + 16 <= p.o; c0 += 16) {
-    const __m512 bias = p.bias ? _mm512_loadu_ps(p.bias + c0) : _mm512_setzero_ps();
-    for (int h = 0; h < kTile / 16; ++h) {
-      __m512 r[16];
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(st + int64_t(p.inv[c0 + i]) * kTile + h * 16);
-      transpose16(r);  // r[j]: lane h * 16 + j of the 16 channels
-      for (int j = 0; j < 16; ++j) {
-        const int64_t tt = lane_token<Dot>(h * 16 + j);
-        if (tt >= cnt) continue;
-        const __m512 v = _mm512_add_ps(r[j], bias);
-        if constexpr (std::is_same_v<Y, F32>) {
-          _mm512_storeu_ps(y + (t0 + tt) * p.o + c0, v);
-        } else {
-          alignas(64) float buf[16];
-          _mm512_store_ps(buf, v);
-          for (int i = 0; i < 16; ++i) Y::put(y, (t0 + tt) * p.o + c0 + i, buf[i]);
-        }
-      }
-    }
-  }
+  for (; c0 + 16 <= p.o; c0 += 16)
+    put16<Y, Dot>(p, t0, cnt, c0, p.bias ? p.bias + c0 : nullptr,
+                  [&](int i) { return st + int64_t(p.inv[c0 + i]) * kTile; });
 #endif
+  auto* y = static_cast<typename Y::T*>(p.y);
   for (int64_t c = c0; c < p.o; ++c) {
     const float* row = st + int64_t(p.inv[c]) * kTile;
     const float b = p.bias ? p.bias[c] : 0.0f;
@@ -561,70 +582,90 @@ inline float* unit_acc(const Problem& p, int64_t b, int64_t g0, int64_t rows, in
   return scratch_acc;
 }
 
-// Stages a unit's rows (unless it accumulated in place) and, if the unit completes its tile, writes
-// the tile (kept out of line: the multiply-add loop's function stays small).
+// Stages a unit's rows (unless it accumulated in place; a row's partial sums are `stride` floats apart
+// in acc) and, if the unit completes its tile, writes the tile (kept out of line: the multiply-add
+// loop's function stays small).
 template <class Y, bool Dot>
-__attribute__((noinline)) void stage_unit(const Problem& p, int64_t b, int64_t g0, int64_t rows, int64_t tile, const float* acc) {
+__attribute__((noinline)) void stage_unit(const Problem& p, int64_t b, int64_t g0, int64_t rows, int64_t tile, const float* acc,
+                                          int64_t stride) {
   float* st = p.stage + (tile * p.o + b * p.v + g0 * kGroup) * kTile;
-  if (st != acc) std::memcpy(st, acc, size_t(rows * kTile) * sizeof(float));
+  if (st != acc && stride == kTile) {
+    std::memcpy(st, acc, size_t(rows * kTile) * sizeof(float));
+  } else if (st != acc) {
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(st + r * kTile, acc + r * stride, kTile * sizeof(float));
+  }
   if (p.tile_done[tile].fetch_add(1, std::memory_order_acq_rel) + 1 == p.pieces) permute_out<Y, Dot>(p, tile);
 }
 
-// The end of a unit of mode 1 (packed rows g0 * kGroup .. + rows of block b, one token tile, partial
-// sums acc[r * kTile + lane]): writes y directly when the rows' channels are consecutive; otherwise
+// The end of a unit of mode 1 for one token tile (packed rows g0 * kGroup .. + rows of block b, partial
+// sums acc[r * stride + lane]): writes y directly when the rows' channels are consecutive; otherwise
 // stages the rows, and the unit that completes the tile writes the whole tile (permute_out). Scattered
 // single-channel stores of permuted rows would touch one cache line per value, and units of the same
 // tile running on two cores would write into the same lines.
 template <class Y, bool Dot>
-void finish_unit(const Problem& p, int64_t b, int64_t g0, int64_t rows, int64_t tile, const float* acc) {
+void finish_unit(const Problem& p, int64_t b, int64_t g0, int64_t rows, int64_t tile, const float* acc, int64_t stride = kTile) {
   if (!p.stage) {
-    const int64_t t0 = tile * kTile;
-    put_tokens<Y>(p, p.perm[b * p.v + g0 * kGroup], rows, t0, std::min<int64_t>(kTile, p.t - t0),
-                  [&](int64_t r, int64_t tt) { return acc[r * kTile + (Dot ? dot_lane(tt) : tt)]; });
+    const int64_t t0 = tile * kTile, cnt = std::min<int64_t>(kTile, p.t - t0), c0 = p.perm[b * p.v + g0 * kGroup];
+    int64_t r0 = 0;
+#if HINM_LANES == 16
+    for (; r0 + 16 <= rows; r0 += 16)
+      put16<Y, Dot>(p, t0, cnt, c0 + r0, p.bias ? p.bias + c0 + r0 : nullptr,
+                    [&](int i) { return acc + (r0 + i) * stride; });
+#endif
+    put_tokens<Y>(p, c0 + r0, rows - r0, t0, cnt,
+                  [&](int64_t r, int64_t tt) { return acc[(r0 + r) * stride + (Dot ? dot_lane(tt) : tt)]; });
     return;
   }
-  stage_unit<Y, Dot>(p, b, g0, rows, tile, acc);
+  stage_unit<Y, Dot>(p, b, g0, rows, tile, acc, stride);
 }
 
-// Unit of mode 1: groups [g0, g1) of block b, one token tile. The block's kept rows of the x tile
-// are walked in chunks of stripes: a chunk (copied into a contiguous L1 panel unless the block's
-// vector index is the identity) serves every row of the unit before the next one is touched.
-template <class W, class Y>
+// Unit of mode 1: groups [g0, g1) of block b, token tiles tile .. tile + S - 1 side by side (S = 1, or
+// kSpan). The block's kept rows of the x tiles are walked in chunks of stripes: a chunk (copied into
+// a contiguous L1 panel, S tiles' rows side by side, unless S = 1 and the block's vector index is the
+// identity) serves every row of the unit before the next one is touched.
+template <class W, class Y, int S>
 void unit_mode1(const Problem& p, int64_t b, int64_t g0, int64_t g1, int64_t tile) {
+  constexpr int R = S == 1 ? kRows : kSpanRows;
+  constexpr int64_t PT = S * kTile;  // floats per panel row and per row of partial sums
   const float* xt = p.xt + tile * p.k * kTile;
   const int64_t rows = std::min<int64_t>(g1 * kGroup, p.v) - g0 * kGroup;
-  const int64_t quads = (rows + kRows - 1) / kRows;
-  const int64_t cs = chunk_stripes(p), stripes = p.kv / p.m;
-  float* buf = scratch(size_t(quads * kRows * kTile + (p.direct ? 0 : cs * p.m * kTile)));
-  float* acc = unit_acc(p, b, g0, rows, tile, buf);
-  float* panel = buf + quads * kRows * kTile;
+  const int64_t quads = (rows + R - 1) / R;
+  const int64_t cs = chunk_stripes(p, S), stripes = p.kv / p.m;
+  const bool copy = S > 1 || !p.direct;
+  float* buf = scratch(size_t(quads * R * PT + (copy ? cs * p.m * PT : 0)));
+  float* acc = S == 1 ? unit_acc(p, b, g0, rows, tile, buf) : buf;
+  float* panel = buf + quads * R * PT;
   const int32_t* vi_b = p.vidx + b * p.kv;
   for (int64_t j0 = 0; j0 < stripes; j0 += cs) {
     const int64_t j1 = std::min(stripes, j0 + cs);
     const float* chunk = xt + j0 * p.m * kTile;
-    if (!p.direct) {
+    if (copy) {
       const int64_t end = j1 * p.m;
       for (int64_t jj = j0 * p.m; jj < end; ++jj) {
-        if (jj + kAhead < p.kv) {  // the rows are scattered: the hardware prefetcher cannot guess them
-          const char* ahead = reinterpret_cast<const char*>(xt + int64_t(vi_b[jj + kAhead]) * kTile);
-          for (int c = 0; c < kTile * 4; c += 64) __builtin_prefetch(ahead + c);
+        const int64_t k = p.direct ? jj : vi_b[jj];
+        if (!p.direct && jj + kAhead < p.kv) {  // scattered rows: the hardware prefetcher cannot guess them
+          for (int s = 0; s < S; ++s) {
+            const char* ahead = reinterpret_cast<const char*>(xt + (s * p.k + int64_t(vi_b[jj + kAhead])) * kTile);
+            for (int c = 0; c < kTile * 4; c += 64) __builtin_prefetch(ahead + c);
+          }
         }
-        std::memcpy(panel + (jj - j0 * p.m) * kTile, xt + int64_t(vi_b[jj]) * kTile, kTile * sizeof(float));
+        for (int s = 0; s < S; ++s)
+          std::memcpy(panel + (jj - j0 * p.m) * PT + s * kTile, xt + (s * p.k + k) * kTile, kTile * sizeof(float));
       }
       chunk = panel;
     }
     for (int64_t qd = 0; qd < quads; ++qd) {
-      const int64_t local = g0 * kGroup + qd * kRows;
+      const int64_t local = g0 * kGroup + qd * R;
       if (p.n == 2 && p.m == 4) {
-        rows_tokens_in_lanes<W, kRows, 2, 4>(p, b, local / kGroup, int(local % kGroup), j0, j1, chunk,
-                                             acc + qd * kRows * kTile, j0 == 0);
+        rows_tokens_in_lanes<W, R, S, 2, 4>(p, b, local / kGroup, int(local % kGroup), j0, j1, chunk,
+                                            acc + qd * R * PT, j0 == 0);
       } else {
-        rows_tokens_in_lanes<W, kRows, 0, 0>(p, b, local / kGroup, int(local % kGroup), j0, j1, chunk,
-                                             acc + qd * kRows * kTile, j0 == 0);
+        rows_tokens_in_lanes<W, R, S, 0, 0>(p, b, local / kGroup, int(local % kGroup), j0, j1, chunk,
+                                            acc + qd * R * PT, j0 == 0);
       }
     }
   }
-  finish_unit<Y, false>(p, b, g0, rows, tile, acc);
+  for (int s = 0; s < S; ++s) finish_unit<Y, false>(p, b, g0, rows, tile + s, acc + s * kTile, PT);
 }
 
 // ---- bfloat16 dot products: bfloat16 activations, pair layout, AVX-512 BF16 ----------------------
@@ -877,7 +918,9 @@ void run(Problem p, int64_t mode, Pool& pool) {
 #endif
     transpose_tile<X>(p, u / kchunks, k0, std::min(p.k, k0 + kc));
   });
-  const int64_t gpu = groups_per_unit(p, threads, tiles, 4);
+  // Units of the float32 loop take kSpan token tiles side by side where there are that many.
+  const int64_t span = dot || tiles < kSpan ? 1 : kSpan, spans = (tiles + span - 1) / span;
+  const int64_t gpu = groups_per_unit(p, threads, spans, 4);
   const int64_t per_block = (p.groups + gpu - 1) / gpu;
   // Units in super-tiles: a group of pieces (about kSuperBytes of values and positions) times a
   // group of token tiles (about kSuperBytes of x^T) is finished before the next, so that both
@@ -891,22 +934,23 @@ void run(Problem p, int64_t mode, Pool& pool) {
   }
   p.pieces = pieces;
   const double piece_bytes = double(gpu * kGroup) * double(p.nnz) * (double(sizeof(typename W::T)) + 1.0);
-  const double tile_bytes = double(p.k) * kTile * (dot ? 2 : 4);
+  const double span_bytes = double(p.k) * kTile * span * (dot ? 2 : 4);
   const int64_t pg = std::clamp<int64_t>(int64_t(kSuperBytes / piece_bytes), 1, pieces);
-  const int64_t tg = std::clamp<int64_t>(int64_t(kSuperBytes / tile_bytes), 1, tiles);
-  std::vector<std::pair<int32_t, int32_t>> order;  // (tile, piece)
-  order.reserve(size_t(pieces * tiles));
-  for (int64_t t0 = 0; t0 < tiles; t0 += tg)
+  const int64_t sg = std::clamp<int64_t>(int64_t(kSuperBytes / span_bytes), 1, spans);
+  std::vector<std::pair<int32_t, int32_t>> order;  // (span, piece)
+  order.reserve(size_t(pieces * spans));
+  for (int64_t s0 = 0; s0 < spans; s0 += sg)
     for (int64_t p0 = 0; p0 < pieces; p0 += pg)
-      for (int64_t tile = t0; tile < std::min(tiles, t0 + tg); ++tile)
-        for (int64_t piece = p0; piece < std::min(pieces, p0 + pg); ++piece) order.emplace_back(tile, piece);
-  parallel_for(pool, threads, pieces * tiles, [&](int64_t u) {
-    const auto [tile, piece] = order[size_t(u)];
-    const int64_t b = piece / per_block, g0 = (piece % per_block) * gpu;
+      for (int64_t sp = s0; sp < std::min(spans, s0 + sg); ++sp)
+        for (int64_t piece = p0; piece < std::min(pieces, p0 + pg); ++piece) order.emplace_back(sp, piece);
+  parallel_for(pool, threads, pieces * spans, [&](int64_t u) {
+    const auto [sp, piece] = order[size_t(u)];
+    const int64_t b = piece / per_block, g0 = (piece % per_block) * gpu, g1 = std::min(p.groups, g0 + gpu), tile = sp * span;
 #if HINM_BF16_DOT
-    if constexpr (dot) return unit_mode1_dot<Y>(p, b, g0, std::min(p.groups, g0 + gpu), tile);
+    if constexpr (dot) return unit_mode1_dot<Y>(p, b, g0, g1, tile);
 #endif
-    unit_mode1<W, Y>(p, b, g0, std::min(p.groups, g0 + gpu), tile);
+    if (span == kSpan && tile + kSpan <= tiles) return unit_mode1<W, Y, kSpan>(p, b, g0, g1, tile);
+    for (int64_t t = tile; t < std::min(tiles, tile + span); ++t) unit_mode1<W, Y, 1>(p, b, g0, g1, t);
   });
 }
 
