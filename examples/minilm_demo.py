@@ -212,11 +212,13 @@ def attention_maps(model, variables, ids, mask):
     return out, maps
 
 
-def make_step(model, tx, frozen, *, w_hidden=1.0, w_cos=1.0, w_rel=0.0, w_attn=0.0, teacher=None):
+def make_step(model, tx, frozen, *, w_hidden=1.0, w_cos=1.0, w_rel=0.0, w_attn=0.0, teacher=None, hidden_norm="mean"):
     """One jitted distillation step on the encoder layers (the embedding tables are not
     pruned and stay frozen). The loss, each term weighted by its ``w_*``:
 
-    - ``hidden``: per-layer hidden-state MSE, normalised by the teacher's mean square;
+    - ``hidden``: per-layer hidden-state MSE, normalised by the teacher's mean square
+      (``hidden_norm="mean"``) or, per hidden dimension, by that dimension's mean square
+      (``"dim"``: the few large-magnitude dimensions no longer dominate the term);
     - ``cos``: ``1 - cosine`` of the sentence embeddings;
     - ``rel``: the batch's embedding similarity structure (relational distillation):
       mean squared difference between the student's and the teacher's cosine-similarity
@@ -246,7 +248,11 @@ def make_step(model, tx, frozen, *, w_hidden=1.0, w_cos=1.0, w_rel=0.0, w_attn=0
             hidden = 0.0
             for i, hs in enumerate(student.hidden_states[1:]):
                 ht = t_hidden[:, i].astype(jnp.float32)
-                hidden += jnp.sum(jnp.square(hs - ht) * w) / jnp.sum(jnp.square(ht) * w)
+                if hidden_norm == "dim":
+                    ms = jnp.sum(jnp.square(ht) * w, axis=(0, 1)) / jnp.sum(w)  # (hidden,)
+                    hidden += jnp.sum(jnp.square(hs - ht) * w / (ms + 1e-6)) / (jnp.sum(w) * ht.shape[-1])
+                else:
+                    hidden += jnp.sum(jnp.square(hs - ht) * w) / jnp.sum(jnp.square(ht) * w)
             loss += w_hidden * hidden / (len(student.hidden_states) - 1)
         emb, t_e = student.embedding, t_emb  # L2-normalised (the sentence-transformers output)
         cos = jnp.mean(jnp.sum(emb * t_e, axis=-1))
@@ -298,7 +304,7 @@ def lr_schedule(name: str, lr: float):
 
 
 def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, seed, label, schedule="cosine",
-             loss_weights=None, teacher=None, score=None, gradual=0.0, refresh_every=0, sr_ste=0.0):
+             loss_weights=None, teacher=None, score=None, gradual=0.0, refresh_every=0, sr_ste=0.0, ema=0.0):
     """Distils the dense model into the masked one (``init`` with ``masks``) for
     ``seconds`` (or ``max_steps``). The learning rate follows ``schedule``
     (:func:`lr_schedule`) stretched over the budget (1000 schedule steps = the budget:
@@ -310,8 +316,9 @@ def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, se
     (:func:`hinm_jax.optim.gradual`), the masks recomputed by ``score`` from the current
     weights (keeping each mask's output permutation) every twentieth of the ramp.
     ``refresh_every`` > 0 (one-shot masks): N:M re-chosen by ``score`` every that many steps,
-    keeping the layout. ``sr_ste``: SR-STE's lambda (0: off). Returns the fine-tuned
-    parameters (exactly sparse), the history and the final masks."""
+    keeping the layout. ``sr_ste``: SR-STE's lambda (0: off). ``ema`` > 0: the result is the
+    exponential moving average of the weights with that decay per step (fixed masks only).
+    Returns the fine-tuned parameters (exactly sparse), the history and the final masks."""
     encoder = [k for k in init if k.startswith("layer_")]
     frozen = {k: v for k, v in init.items() if k not in encoder}
     params = {k: init[k] for k in encoder}
@@ -336,6 +343,10 @@ def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, se
         jax.block_until_ready(step(params, state, schedule(0), jnp.asarray(ids[:rows]), jnp.asarray(att[:rows]),
                                    jnp.asarray(t_hidden[:rows]), jnp.asarray(t_emb[:rows])))
     t0 = time.perf_counter()
+    if ema > 0 and sparsity:
+        raise ValueError(f"finetune: ema={ema} averages weights under fixed masks; gradual / refresh_every change them")
+    average = params if ema > 0 else None
+    ema_step = jax.jit(lambda a, p_: jax.tree.map(lambda x, y: x + (1.0 - ema) * (y - x), a, p_))
     bar = tqdm(total=max_steps, desc=f"fine-tune {label}", unit="step")
     for i in itertools.count():
         done = max((time.perf_counter() - t0) / seconds, i / (max_steps or np.inf))
@@ -348,10 +359,14 @@ def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, se
             params, state, schedule(int(1000 * done)), jnp.asarray(ids[pick]), jnp.asarray(att[pick]),
             jnp.asarray(t_hidden[pick]), jnp.asarray(t_emb[pick]),
         )
+        if average is not None:
+            average = ema_step(average, params)
         history.append((i + 1, time.perf_counter() - t0, float(loss), float(cos)))
         bar.update(1)
         bar.set_postfix(loss=f"{float(loss):.4f}", cos=f"{float(cos):.4f}")
     bar.close()
+    if average is not None:
+        params = average
     final = optim.get_masks(state)
     got, want = hinm_jax.named_leaves(final), hinm_jax.named_leaves({k: masks[k] for k in encoder})
     if "schedule" in sparsity and any(  # a time limit ended the ramp early: prune to the target now
@@ -478,6 +493,28 @@ def _layout_pattern(pattern):
     return getattr(pattern, "vector_size", 64)
 
 
+def permute_options(text):
+    """``"ocp_cycles=30,scale=false"`` -> ``{"ocp_cycles": 30, "scale": False}`` (for --permute-options;
+    :class:`hinm_jax.permute.Budget` checks the names and values)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--permute-options: {item!r} is not name=value")
+        low = value.strip().lower()
+        if low in ("true", "false"):
+            out[name.strip()] = low == "true"
+        else:
+            try:
+                out[name.strip()] = int(value)
+            except ValueError:
+                try:
+                    out[name.strip()] = float(value)
+                except ValueError:
+                    raise argparse.ArgumentTypeError(f"--permute-options: {name}={value!r} is not a number") from None
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=6.0,
@@ -530,6 +567,10 @@ def main(argv=None):
                     help="--allocation outlier: OWL's lambda (the target layer sparsities span 2 lambda)")
     ap.add_argument("--loss-hidden", type=float, default=1.0, help="weight of the hidden-state MSE term")
     ap.add_argument("--loss-cos", type=float, default=1.0, help="weight of the 1 - embedding cosine term")
+    ap.add_argument("--hidden-norm", choices=("mean", "dim"), default="mean",
+                    help="hidden-state MSE normalised by the teacher's mean square, or per dimension")
+    ap.add_argument("--ema", type=float, default=0.0,
+                    help="keep the moving average of the weights with this decay per step (0: off)")
     ap.add_argument("--loss-rel", type=float, default=0.0,
                     help="weight of the relational term: MSE between the student's and the teacher's "
                          "cosine-similarity matrices of each batch")
@@ -545,6 +586,9 @@ def main(argv=None):
     ap.add_argument("--sr-ste", type=float, default=0.0, help="SR-STE's lambda (0: off)")
     ap.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine",
                     help="learning-rate schedule over the budget (warmup 50/1000 of it, then ...)")
+    ap.add_argument("--permute-options", type=permute_options, default={},
+                    help="2CP search budget overrides, e.g. ocp_cycles=30,ivp_rounds=450,scale=false "
+                         "(fields of hinm_jax.permute.Budget)")
     ap.add_argument("--mask-cache", type=Path, default=None,
                     help="folder caching the pruned (and 2CP-permuted) masks, keyed by the exact pruning "
                          "configuration, so that repeated runs skip the permutation search")
@@ -620,6 +664,8 @@ def main(argv=None):
                      "allocation_cost": args.allocation_cost if args.allocation == "error" else None,
                      "score": args.score, "corpus": args.corpus, "calibration": args.calibration,
                      "seed": args.seed, "fast": args.fast}
+        if args.permute_options:  # likewise: only a non-default search changes the key
+            cache_key["permute_options"] = args.permute_options
         if args.allocation == "outlier":  # the keys of the other methods stay as they were
             cache_key["allocation_outlier"] = {"threshold": args.outlier_threshold, "range": args.outlier_range}
         cached = load_masks(args.mask_cache, cache_key)
@@ -631,6 +677,7 @@ def main(argv=None):
             t_search = time.perf_counter() - t0
         else:
             opts = {"ocp_cycles": 0, "ocp_descent": 2, "ivp_rounds": 2} if args.fast else {}
+            opts.update(args.permute_options)
             masks[name] = hinm_jax.prune(
                 params, layer_pattern, score=score, where=ENCODER_LINEAR, permute="2cp", key=key, permute_options=opts
             )
@@ -701,8 +748,8 @@ def main(argv=None):
                 model, starts[name], m, buckets, targets, seconds=60 * args.minutes, max_steps=args.max_steps,
                 lr=args.lr, seed=args.seed, label=name, schedule=args.schedule,
                 loss_weights={"w_hidden": args.loss_hidden, "w_cos": args.loss_cos, "w_rel": args.loss_rel,
-                              "w_attn": args.loss_attn}, teacher=params,
-                score=score, gradual=args.gradual, refresh_every=args.refresh_every, sr_ste=args.sr_ste,
+                              "w_attn": args.loss_attn, "hidden_norm": args.hidden_norm}, teacher=params,
+                score=score, gradual=args.gradual, refresh_every=args.refresh_every, sr_ste=args.sr_ste, ema=args.ema,
             )
             measure(name, "fine-tuned", tuned[name], final_masks[name])
         results[name]["steps"] = len(histories[name])
@@ -792,12 +839,14 @@ def main(argv=None):
         "whole_model_density": summary.density,
         "finetune": {"minutes": args.minutes, "max_steps": args.max_steps, "lr": args.lr, "batch": args.batch,
                      "schedule": args.schedule, "loss": {"hidden": args.loss_hidden, "cos": args.loss_cos,
-                                                         "rel": args.loss_rel, "attn": args.loss_attn},
+                                                         "rel": args.loss_rel, "attn": args.loss_attn,
+                                                         "hidden_norm": args.hidden_norm},
                      "distill_sentences": args.distill_sentences, "gradual": args.gradual,
-                     "refresh_every": args.refresh_every, "sr_ste": args.sr_ste},
+                     "refresh_every": args.refresh_every, "sr_ste": args.sr_ste, "ema": args.ema},
         "efficacy_of": last,
         "mean_efficacy_percent": float(np.mean(list(eff.values()))),
         "permutation_seconds": t_perm,
+        "permute_options": args.permute_options,
         "task": task,
         "fidelity": results,
         "sparse_inference_max_abs_err": err,

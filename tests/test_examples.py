@@ -143,6 +143,7 @@ def test_distillation_loss_terms():
                             is_leaf=lambda x: isinstance(x, hinm_jax.Mask))
     every = {"w_hidden": 1.0, "w_cos": 1.0, "w_rel": 1.0, "w_attn": 1.0}
     one_each = [{**dict.fromkeys(every, 0.0), k: 1.0} for k in every]
+    one_each.append({**dict.fromkeys(every, 0.0), "w_hidden": 1.0, "hidden_norm": "dim"})
     for masks, positive, weights in ((keep_all, False, [every]), (pruned, True, one_each)):
         tx = optim.sparsify(optax.inject_hyperparams(optax.adam)(learning_rate=1e-3), masks=masks)
         for w in weights:
@@ -156,7 +157,8 @@ def test_distillation_loss_terms():
 
 def test_finetune_gradual_and_refresh():
     """Gradual pruning and mask refresh end exactly at the target pattern, with the masks
-    the returned weights are sparse in (also when the time limit cuts the ramp short)."""
+    the returned weights are sparse in (also when the time limit cuts the ramp short); the
+    moving average of the weights (``ema``) is sparse too, and refused with changing masks."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -180,9 +182,12 @@ def test_finetune_gradual_and_refresh():
         return [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, hinm_jax.Mask))
                 if isinstance(x, hinm_jax.Mask)]
 
-    for kw, seconds in (({"gradual": 0.5}, 60.0), ({"gradual": 0.5}, 1e-9), ({"refresh_every": 2}, 60.0)):
+    runs = {}
+    for kw, seconds in (({"gradual": 0.5}, 60.0), ({"gradual": 0.5}, 1e-9), ({"refresh_every": 2}, 60.0),
+                        ({}, 60.0), ({"ema": 0.9}, 60.0)):
         tuned, history, final = demo.finetune(model, params, one_shot, buckets, targets, seconds=seconds,
                                               max_steps=8, lr=1e-3, seed=0, label="t", score=score, **kw)
+        runs[str(kw)] = tuned
         assert len(history) == (1 if seconds < 1 else 8)
         for got, want in zip(leaves(final), leaves(one_shot)):
             assert float(got.density) == float(want.density) == 0.25
@@ -192,6 +197,12 @@ def test_finetune_gradual_and_refresh():
             for name in ("query", "key", "value", "attention_output", "intermediate", "output"):
                 w, m = tuned[layer][name]["kernel"], final[layer][name]["kernel"].mask
                 assert not np.any(np.asarray(w)[~np.asarray(m)]), (layer, name)
+    # the moving average lags the last step's weights: same steps, different result
+    last, avg = runs["{}"]["layer_0"]["query"]["kernel"], runs["{'ema': 0.9}"]["layer_0"]["query"]["kernel"]
+    assert np.all(np.isfinite(np.asarray(avg))) and not np.allclose(np.asarray(last), np.asarray(avg))
+    with pytest.raises(ValueError, match="ema"):  # averaging weights across mask changes is refused
+        demo.finetune(model, params, one_shot, buckets, targets, seconds=60.0, max_steps=2, lr=1e-3, seed=0,
+                      label="t", score=score, gradual=0.5, ema=0.9)
 
 
 def test_quality_sparsity_reads_summaries(tmp_path):
