@@ -329,6 +329,10 @@ def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, se
         sparsity = {"schedule": optim.gradual(ramp, nm_steps=max(1, ramp // 4)), "refresh_every": max(1, ramp // 20)}
     elif refresh_every > 0:
         sparsity = {"refresh_every": int(refresh_every)}
+    if not 0.0 <= ema < 1.0:
+        raise ValueError(f"finetune: ema={ema}: the decay per step must be in [0, 1)")
+    if ema > 0 and sparsity:
+        raise ValueError(f"finetune: ema={ema} averages weights under fixed masks; gradual / refresh_every change them")
     tx = optim.sparsify(optax.inject_hyperparams(optax.adam)(learning_rate=lr), masks={k: masks[k] for k in encoder},
                         score=score, sr_ste=float(sr_ste) if sr_ste > 0 else False, **sparsity)
     state = tx.init(params)
@@ -343,8 +347,6 @@ def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, se
         jax.block_until_ready(step(params, state, schedule(0), jnp.asarray(ids[:rows]), jnp.asarray(att[:rows]),
                                    jnp.asarray(t_hidden[:rows]), jnp.asarray(t_emb[:rows])))
     t0 = time.perf_counter()
-    if ema > 0 and sparsity:
-        raise ValueError(f"finetune: ema={ema} averages weights under fixed masks; gradual / refresh_every change them")
     average = params if ema > 0 else None
     ema_step = jax.jit(lambda a, p_: jax.tree.map(lambda x, y: x + (1.0 - ema) * (y - x), a, p_))
     bar = tqdm(total=max_steps, desc=f"fine-tune {label}", unit="step")

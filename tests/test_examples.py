@@ -230,3 +230,18 @@ def test_quality_sparsity_reads_summaries(tmp_path):
     md = (tmp_path / "out" / "quality_sparsity.md").read_text()
     assert "| 2:4 | 50.0% | plain | 20.0 / 10.0 | — | 30.0 / 15.0 | -2.0 |" in md
     assert (tmp_path / "out" / "quality_sparsity.png").stat().st_size > 1000
+
+
+def test_permute_options_flag():
+    """--permute-options: name=value pairs as Budget overrides; anything else is an argparse error."""
+    import argparse
+
+    from hinm_jax import permute
+
+    demo = _load("minilm_demo")
+    opts = demo.permute_options("ocp_cycles=30,ivp_rounds=450,scale=false,time_limit=2.5")
+    assert opts == {"ocp_cycles": 30, "ivp_rounds": 450, "scale": False, "time_limit": 2.5}
+    assert permute.Budget(**opts).ocp_cycles == 30
+    for bad in ("ocp_cycles", "ocp_cycles=many"):
+        with pytest.raises(argparse.ArgumentTypeError, match="permute-options"):
+            demo.permute_options(bad)
