@@ -212,6 +212,14 @@ def attention_maps(model, variables, ids, mask):
     return out, maps
 
 
+def merge(a, b):
+    """The parameter dicts ``a`` and ``b`` (disjoint leaves) as one nested dict."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def make_step(model, tx, frozen, *, w_hidden=1.0, w_cos=1.0, w_rel=0.0, w_attn=0.0, teacher=None, hidden_norm="mean"):
     """One jitted distillation step on the encoder layers (the embedding tables are not
     pruned and stay frozen). The loss, each term weighted by its ``w_*``:
@@ -229,7 +237,7 @@ def make_step(model, tx, frozen, *, w_hidden=1.0, w_cos=1.0, w_rel=0.0, w_attn=0
     """
 
     def loss_fn(params, masks, ids, mask, t_hidden, t_emb, t_params):
-        variables = {"params": {**frozen, **optim.ste_apply(params, masks)}}
+        variables = {"params": merge(frozen, optim.ste_apply(params, masks))}
         loss = 0.0
         if w_attn > 0:
             student, s_maps = attention_maps(model, variables, ids, mask)
@@ -304,7 +312,8 @@ def lr_schedule(name: str, lr: float):
 
 
 def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, seed, label, schedule="cosine",
-             loss_weights=None, teacher=None, score=None, gradual=0.0, refresh_every=0, sr_ste=0.0, ema=0.0):
+             loss_weights=None, teacher=None, score=None, gradual=0.0, refresh_every=0, sr_ste=0.0, ema=0.0,
+             train_embeddings=False):
     """Distils the dense model into the masked one (``init`` with ``masks``) for
     ``seconds`` (or ``max_steps``). The learning rate follows ``schedule``
     (:func:`lr_schedule`) stretched over the budget (1000 schedule steps = the budget:
@@ -318,10 +327,17 @@ def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, se
     ``refresh_every`` > 0 (one-shot masks): N:M re-chosen by ``score`` every that many steps,
     keeping the layout. ``sr_ste``: SR-STE's lambda (0: off). ``ema`` > 0: the result is the
     exponential moving average of the weights with that decay per step (fixed masks only).
+    ``train_embeddings``: the embeddings' layer norm and the position and token-type tables (not
+    pruned) are trained too; the word table stays frozen (only the distillation sentences' tokens
+    would move).
     Returns the fine-tuned parameters (exactly sparse), the history and the final masks."""
-    encoder = [k for k in init if k.startswith("layer_")]
-    frozen = {k: v for k, v in init.items() if k not in encoder}
-    params = {k: init[k] for k in encoder}
+    trained = [k for k in init if k.startswith("layer_") or (train_embeddings and k == "embeddings")]
+    frozen = {k: v for k, v in init.items() if k not in trained}
+    params = {k: init[k] for k in trained}
+    if train_embeddings:  # the word table stays: only the distillation sentences' tokens would move
+        params["embeddings"] = {k: v for k, v in init["embeddings"].items() if k != "word_embeddings"}
+        frozen["embeddings"] = {"word_embeddings": init["embeddings"]["word_embeddings"]}
+    masks_trained = {k: {n: m for n, m in masks[k].items() if n in params[k]} for k in trained}
     schedule = lr_schedule(schedule, lr)
     sparsity = {}
     if gradual > 0:
@@ -333,7 +349,7 @@ def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, se
         raise ValueError(f"finetune: ema={ema}: the decay per step must be in [0, 1)")
     if ema > 0 and sparsity:
         raise ValueError(f"finetune: ema={ema} averages weights under fixed masks; gradual / refresh_every change them")
-    tx = optim.sparsify(optax.inject_hyperparams(optax.adam)(learning_rate=lr), masks={k: masks[k] for k in encoder},
+    tx = optim.sparsify(optax.inject_hyperparams(optax.adam)(learning_rate=lr), masks=masks_trained,
                         score=score, sr_ste=float(sr_ste) if sr_ste > 0 else False, **sparsity)
     state = tx.init(params)
     teacher = None if teacher is None else jax.tree.map(jnp.asarray, teacher)
@@ -370,12 +386,12 @@ def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, se
     if average is not None:
         params = average
     final = optim.get_masks(state)
-    got, want = hinm_jax.named_leaves(final), hinm_jax.named_leaves({k: masks[k] for k in encoder})
+    got, want = hinm_jax.named_leaves(final), hinm_jax.named_leaves(masks_trained)
     if "schedule" in sparsity and any(  # a time limit ended the ramp early: prune to the target now
             float(got[path].density) != float(m.density) for path, m in want.items() if m is not None):
         final = optim.refresh(params, final, score=score, schedule=sparsity["schedule"], step=2**30)
         state = optim.set_masks(state, final)
-    return {**frozen, **optim.final_params(params, state)}, history, {**masks, **final}
+    return merge(frozen, optim.final_params(params, state)), history, merge(masks, final)
 
 
 # --------------------------------------------------------------------------- plots
@@ -571,6 +587,9 @@ def main(argv=None):
     ap.add_argument("--loss-cos", type=float, default=1.0, help="weight of the 1 - embedding cosine term")
     ap.add_argument("--hidden-norm", choices=("mean", "dim"), default="mean",
                     help="hidden-state MSE normalised by the teacher's mean square, or per dimension")
+    ap.add_argument("--train-embeddings", action="store_true",
+                    help="train the embeddings' layer norm and position / token-type tables too (the word "
+                         "table stays frozen)")
     ap.add_argument("--ema", type=float, default=0.0,
                     help="keep the moving average of the weights with this decay per step (0: off)")
     ap.add_argument("--loss-rel", type=float, default=0.0,
@@ -752,6 +771,7 @@ def main(argv=None):
                 loss_weights={"w_hidden": args.loss_hidden, "w_cos": args.loss_cos, "w_rel": args.loss_rel,
                               "w_attn": args.loss_attn, "hidden_norm": args.hidden_norm}, teacher=params,
                 score=score, gradual=args.gradual, refresh_every=args.refresh_every, sr_ste=args.sr_ste, ema=args.ema,
+                train_embeddings=args.train_embeddings,
             )
             measure(name, "fine-tuned", tuned[name], final_masks[name])
         results[name]["steps"] = len(histories[name])
@@ -844,7 +864,8 @@ def main(argv=None):
                                                          "rel": args.loss_rel, "attn": args.loss_attn,
                                                          "hidden_norm": args.hidden_norm},
                      "distill_sentences": args.distill_sentences, "gradual": args.gradual,
-                     "refresh_every": args.refresh_every, "sr_ste": args.sr_ste, "ema": args.ema},
+                     "refresh_every": args.refresh_every, "sr_ste": args.sr_ste, "ema": args.ema,
+                     "train_embeddings": args.train_embeddings},
         "efficacy_of": last,
         "mean_efficacy_percent": float(np.mean(list(eff.values()))),
         "permutation_seconds": t_perm,

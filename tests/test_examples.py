@@ -158,7 +158,8 @@ def test_distillation_loss_terms():
 def test_finetune_gradual_and_refresh():
     """Gradual pruning and mask refresh end exactly at the target pattern, with the masks
     the returned weights are sparse in (also when the time limit cuts the ramp short); the
-    moving average of the weights (``ema``) is sparse too, and refused with changing masks."""
+    moving average of the weights (``ema``) is sparse too, and refused with changing masks;
+    ``train_embeddings`` moves the embeddings' norm and position table, never the word table."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -184,7 +185,7 @@ def test_finetune_gradual_and_refresh():
 
     runs = {}
     for kw, seconds in (({"gradual": 0.5}, 60.0), ({"gradual": 0.5}, 1e-9), ({"refresh_every": 2}, 60.0),
-                        ({}, 60.0), ({"ema": 0.9}, 60.0)):
+                        ({}, 60.0), ({"ema": 0.9}, 60.0), ({"train_embeddings": True}, 60.0)):
         tuned, history, final = demo.finetune(model, params, one_shot, buckets, targets, seconds=seconds,
                                               max_steps=8, lr=1e-3, seed=0, label="t", score=score, **kw)
         runs[str(kw)] = tuned
@@ -200,6 +201,14 @@ def test_finetune_gradual_and_refresh():
     # the moving average lags the last step's weights: same steps, different result
     last, avg = runs["{}"]["layer_0"]["query"]["kernel"], runs["{'ema': 0.9}"]["layer_0"]["query"]["kernel"]
     assert np.all(np.isfinite(np.asarray(avg))) and not np.allclose(np.asarray(last), np.asarray(avg))
+    # train_embeddings: the embeddings' norm and position table move, the word table does not
+    for kw, moved in (("{}", False), ("{'train_embeddings': True}", True)):
+        emb = runs[kw]["embeddings"]
+        for name in ("norm", "position_embeddings"):
+            same = jax.tree.map(np.allclose, emb[name], params["embeddings"][name])
+            assert all(v != moved for v in jax.tree.leaves(same)), (kw, name, same)
+        np.testing.assert_array_equal(emb["word_embeddings"]["embedding"],
+                                      params["embeddings"]["word_embeddings"]["embedding"])
     with pytest.raises(ValueError, match="ema"):  # averaging weights across mask changes is refused
         demo.finetune(model, params, one_shot, buckets, targets, seconds=60.0, max_steps=2, lr=1e-3, seed=0,
                       label="t", score=score, gradual=0.5, ema=0.9)
