@@ -78,13 +78,13 @@ constexpr int L = HINM_LANES;
 constexpr int kGroup = 16;  // packed rows interleaved in the layout (fixed: the packer's layout)
 constexpr int kSub = kGroup / L;
 constexpr int kTile = 2 * L;  // tokens per tile in mode 1
-constexpr int kRows = 4;      // packed rows per register tile in mode 1 (one token tile per unit)
+constexpr int kRows = 4;      // packed rows per register tile in mode 1
 // Token tiles side by side in one unit of mode 1 (float32 multiply-adds, two tiles or more): each
 // broadcast weight and position then serves 2 * kTile tokens (4 vectors with AVX-512). On one Zen 4
-// core this raised the multiply-add loop alone from 1.6 to 2.4 zmm FMA/ns (2 rows x 4 vectors; 4 x 4
-// gave 2.2), a whole single-threaded call by 0-15%; see benchmarks/RESULTS.md for two threads.
+// core this raised the multiply-add loop alone from 1.6 to 2.2-2.4 zmm FMA/ns; whole calls gain less
+// (benchmarks/RESULTS.md). Register tiles stay kRows rows (x 4 vectors): 2 or 1 rows ran faster in
+// the loop alone but 0-6% slower in whole calls.
 constexpr int kSpan = 2;
-constexpr int kSpanRows = 2;  // packed rows per register tile of a two-tile unit
 constexpr int kChains = 8;    // independent accumulators in mode 0 (the FMA latency bounds a single chain)
 constexpr int kAhead = 16;    // panel rows prefetched ahead in mode 1
 constexpr int64_t kChunkBytes = 8 << 10;  // panel bytes per chunk of stripes in mode 1
@@ -625,16 +625,15 @@ void finish_unit(const Problem& p, int64_t b, int64_t g0, int64_t rows, int64_t 
 // identity) serves every row of the unit before the next one is touched.
 template <class W, class Y, int S>
 void unit_mode1(const Problem& p, int64_t b, int64_t g0, int64_t g1, int64_t tile) {
-  constexpr int R = S == 1 ? kRows : kSpanRows;
   constexpr int64_t PT = S * kTile;  // floats per panel row and per row of partial sums
   const float* xt = p.xt + tile * p.k * kTile;
   const int64_t rows = std::min<int64_t>(g1 * kGroup, p.v) - g0 * kGroup;
-  const int64_t quads = (rows + R - 1) / R;
+  const int64_t quads = (rows + kRows - 1) / kRows;
   const int64_t cs = chunk_stripes(p, S), stripes = p.kv / p.m;
   const bool copy = S > 1 || !p.direct;
-  float* buf = scratch(size_t(quads * R * PT + (copy ? cs * p.m * PT : 0)));
+  float* buf = scratch(size_t(quads * kRows * PT + (copy ? cs * p.m * PT : 0)));
   float* acc = S == 1 ? unit_acc(p, b, g0, rows, tile, buf) : buf;
-  float* panel = buf + quads * R * PT;
+  float* panel = buf + quads * kRows * PT;
   const int32_t* vi_b = p.vidx + b * p.kv;
   for (int64_t j0 = 0; j0 < stripes; j0 += cs) {
     const int64_t j1 = std::min(stripes, j0 + cs);
@@ -655,13 +654,13 @@ void unit_mode1(const Problem& p, int64_t b, int64_t g0, int64_t g1, int64_t til
       chunk = panel;
     }
     for (int64_t qd = 0; qd < quads; ++qd) {
-      const int64_t local = g0 * kGroup + qd * R;
+      const int64_t local = g0 * kGroup + qd * kRows;
       if (p.n == 2 && p.m == 4) {
-        rows_tokens_in_lanes<W, R, S, 2, 4>(p, b, local / kGroup, int(local % kGroup), j0, j1, chunk,
-                                            acc + qd * R * PT, j0 == 0);
+        rows_tokens_in_lanes<W, kRows, S, 2, 4>(p, b, local / kGroup, int(local % kGroup), j0, j1, chunk,
+                                                acc + qd * kRows * PT, j0 == 0);
       } else {
-        rows_tokens_in_lanes<W, R, S, 0, 0>(p, b, local / kGroup, int(local % kGroup), j0, j1, chunk,
-                                            acc + qd * R * PT, j0 == 0);
+        rows_tokens_in_lanes<W, kRows, S, 0, 0>(p, b, local / kGroup, int(local % kGroup), j0, j1, chunk,
+                                                acc + qd * kRows * PT, j0 == 0);
       }
     }
   }
