@@ -34,11 +34,11 @@
 // Both schedules accumulate in fp32 and write output channel perm[r] directly; mode 1 stages the
 // outputs of a permuted layout (rows of a block going to non-consecutive channels, as after 2CP) in
 // packed-row order and writes each finished token tile 16 channels x 16 tokens at a time
-// (permute_out). Work is split into units (block pieces x token tiles) taken from an atomic counter by the calling thread and by
-// tasks on XLA's intra-op thread pool (ffi::ThreadPool), so the kernel uses every core the dense
-// dot it replaces would use. bf16 activations with pair-layout weights use the AVX-512 BF16 dot
-// product (vdpbf16ps: two multiply-adds per lane) where the build has it; other bf16 inputs are
-// widened to fp32 on load. bf16 outputs are rounded to nearest even.
+// (permute_out). Work is split into units (block pieces x token tiles) taken from an atomic counter
+// by the calling thread and by tasks on XLA's intra-op thread pool (ffi::ThreadPool), so the kernel
+// uses every core the dense dot it replaces would use. bf16 activations with pair-layout weights use
+// the AVX-512 BF16 dot product (vdpbf16ps: two multiply-adds per lane) where the build has it; other
+// bf16 inputs are widened to fp32 on load. bf16 outputs are rounded to nearest even.
 //
 // Instruction sets: GCC vector extensions of L lanes, L = 16 with AVX-512, 8 with AVX2, 4 otherwise,
 // chosen by the compiler flags of the build (cpu_ffi/build.py compiles for the host, -march=native,
@@ -589,11 +589,8 @@ template <class Y, bool Dot>
 __attribute__((noinline)) void stage_unit(const Problem& p, int64_t b, int64_t g0, int64_t rows, int64_t tile, const float* acc,
                                           int64_t stride) {
   float* st = p.stage + (tile * p.o + b * p.v + g0 * kGroup) * kTile;
-  if (st != acc && stride == kTile) {
-    std::memcpy(st, acc, size_t(rows * kTile) * sizeof(float));
-  } else if (st != acc) {
+  if (st != acc)
     for (int64_t r = 0; r < rows; ++r) std::memcpy(st + r * kTile, acc + r * stride, kTile * sizeof(float));
-  }
   if (p.tile_done[tile].fetch_add(1, std::memory_order_acq_rel) + 1 == p.pieces) permute_out<Y, Dot>(p, tile);
 }
 

@@ -220,6 +220,11 @@ def merge(a, b):
     return out
 
 
+def _split(tree, name):
+    """``(tree without entry name, {name: tree[name]})``."""
+    return {k: v for k, v in tree.items() if k != name}, {name: tree[name]}
+
+
 def make_step(model, tx, frozen, *, w_hidden=1.0, w_cos=1.0, w_rel=0.0, w_attn=0.0, teacher=None, hidden_norm="mean"):
     """One jitted distillation step on the encoder layers (the embedding tables are not
     pruned and stay frozen). The loss, each term weighted by its ``w_*``:
@@ -334,10 +339,10 @@ def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, se
     trained = [k for k in init if k.startswith("layer_") or (train_embeddings and k == "embeddings")]
     frozen = {k: v for k, v in init.items() if k not in trained}
     params = {k: init[k] for k in trained}
+    masks_trained = {k: masks[k] for k in trained}
     if train_embeddings:  # the word table stays: only the distillation sentences' tokens would move
-        params["embeddings"] = {k: v for k, v in init["embeddings"].items() if k != "word_embeddings"}
-        frozen["embeddings"] = {"word_embeddings": init["embeddings"]["word_embeddings"]}
-    masks_trained = {k: {n: m for n, m in masks[k].items() if n in params[k]} for k in trained}
+        params["embeddings"], frozen["embeddings"] = _split(init["embeddings"], "word_embeddings")
+        masks_trained["embeddings"], _ = _split(masks["embeddings"], "word_embeddings")
     schedule = lr_schedule(schedule, lr)
     sparsity = {}
     if gradual > 0:
@@ -364,7 +369,8 @@ def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, se
                                    jnp.asarray(t_hidden[:rows]), jnp.asarray(t_emb[:rows])))
     t0 = time.perf_counter()
     average = params if ema > 0 else None
-    ema_step = jax.jit(lambda a, p_: jax.tree.map(lambda x, y: x + (1.0 - ema) * (y - x), a, p_))
+    if average is not None:
+        ema_step = jax.jit(lambda a, p_: jax.tree.map(lambda x, y: x + (1.0 - ema) * (y - x), a, p_))
     bar = tqdm(total=max_steps, desc=f"fine-tune {label}", unit="step")
     for i in itertools.count():
         done = max((time.perf_counter() - t0) / seconds, i / (max_steps or np.inf))
