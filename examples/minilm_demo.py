@@ -558,7 +558,9 @@ def main(argv=None):
     ap.add_argument("--distill-sentences", type=int, default=3400, help="sentences the student is distilled on")
     ap.add_argument("--calibration", type=int, default=512,
                     help="sentences (the first of the distillation set) for Wanda scores and the refit")
-    ap.add_argument("--score", choices=("wanda", "magnitude"), default="wanda")
+    ap.add_argument("--score", choices=("wanda", "ria", "magnitude"), default="wanda",
+                    help="pruning score: Wanda (|W| x input norms), RIA (relative importance x input norms ** 0.5) "
+                         "or magnitude")
     ap.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False,
                     help="least-squares refit of the kept weights before fine-tuning (off by default: it raises "
                          "the one-shot task score but lowers it after fine-tuning, benchmarks/ablations_13.md)")
@@ -656,6 +658,9 @@ def main(argv=None):
     if args.score == "wanda":
         norms = scores.input_norms(model, calib, {"params": params}, call=run, row_weights=tokens)
         score = scores.wanda(norms)
+    elif args.score == "ria":
+        norms = scores.input_norms(model, calib, {"params": params}, call=run, row_weights=tokens)
+        score = scores.ria(norms)
     else:
         score = lambda path, w: scores.magnitude(w)  # noqa: E731
 

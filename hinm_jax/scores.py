@@ -6,10 +6,13 @@
   from :func:`input_norms`, which runs the unmodified model (linen or nnx) on calibration
   batches and records the inputs of every ``Dense`` / ``DenseGeneral`` / ``Conv`` (for a
   convolution, the norms of its patch features).
+- :func:`ria`: relative importance and activations (Zhang et al., 2024): each ``|W|``
+  relative to its output channel's and its input feature's sums, times the input norms
+  to the power 0.5.
 - :func:`taylor`: first-order Taylor importance ``|W * dL/dW|`` (Molchanov et al., 2019),
   averaged over batches.
 
-:func:`wanda` returns a function ``(path, leaf) -> score`` and :func:`taylor` a pytree
+:func:`wanda` and :func:`ria` return a function ``(path, leaf) -> score`` and :func:`taylor` a pytree
 like ``params``: both are accepted as ``score=`` everywhere (:func:`hinm_jax.prune`,
 :func:`hinm_jax.optim.sparsify`, :func:`hinm_jax.optim.refresh`,
 :func:`hinm_jax.optim.repermute`; see :func:`hinm_jax.masks.leaf_scores`).
@@ -32,7 +35,7 @@ from hinm_jax import _capture
 from hinm_jax.core import magnitude
 from hinm_jax.layers.functional import ConvSpec, _normalize_axes, _tuple, conv_patches
 
-__all__ = ["magnitude", "input_norms", "wanda", "taylor"]
+__all__ = ["magnitude", "input_norms", "wanda", "ria", "taylor"]
 
 
 
@@ -176,6 +179,26 @@ def input_norms(
     return _norms(model, batches, variables, call, row_weights)
 
 
+def _input_norms_of(norms: Mapping[str, Any], fallback, path: str, leaf):
+    """``leaf``'s captured input norms reshaped to broadcast over its output axes, or
+    ``None`` when it has none and a ``fallback`` is given."""
+    if path not in norms:
+        if fallback is not None:
+            return None
+        raise ValueError(
+            f"{path}: shape={tuple(leaf.shape)}: no input norms were captured for this leaf "
+            f"(captured: {sorted(norms)[:4]}{'...' if len(norms) > 4 else ''}); pass fallback= "
+            "or exclude it with where="
+        )
+    n = jnp.asarray(norms[path], jnp.float32)
+    shape = tuple(leaf.shape)
+    if n.shape == shape:
+        return n
+    if n.ndim >= len(shape) or tuple(shape[: n.ndim]) != tuple(n.shape):
+        raise ValueError(f"{path}: shape={shape} does not start with its input norms' shape {tuple(n.shape)}")
+    return n.reshape(n.shape + (1,) * (len(shape) - n.ndim))
+
+
 def wanda(norms: Mapping[str, Any], *, fallback: Callable | None = None) -> Callable[[str, Any], jax.Array]:
     """The Wanda score ``|W| * ||X_k||`` as a ``score=`` function for :func:`hinm_jax.prune`.
 
@@ -199,21 +222,60 @@ def wanda(norms: Mapping[str, Any], *, fallback: Callable | None = None) -> Call
     norms = dict(norms)
 
     def score(path: str, leaf):
-        if path not in norms:
-            if fallback is not None:
-                return fallback(leaf)
+        n = _input_norms_of(norms, fallback, path, leaf)
+        return fallback(leaf) if n is None else magnitude(leaf) * n
+
+    return score
+
+
+def ria(norms: Mapping[str, Any], *, alpha: float = 0.5, fallback: Callable | None = None) -> Callable[[str, Any], jax.Array]:
+    """Relative importance and activations (RIA; Zhang et al., "Plug-and-Play: An
+    Efficient Post-training Pruning Method for Large Language Models", ICLR 2024) as a
+    ``score=`` function: ``(|W| / sum_in |W| + |W| / sum_out |W|) * ||X_k|| ** alpha``.
+
+    Each weight counts relative to the other weights of its output channel (the sum over
+    the input axes) and of its input feature (the sum over the output axes), so no
+    channel loses all its weights to louder neighbours; ``alpha`` (0.5 in the paper)
+    softens the activation factor that Wanda applies in full (``alpha=1`` without the
+    relative part is Wanda).
+
+    Args:
+      norms: from :func:`input_norms` (``{kernel path: input-feature norms}``); the
+        leading axes of a kernel that its norms cover are its input axes.
+      alpha: exponent of the input norms (>= 0).
+      fallback: score for pruned leaves without captured norms; by default such a leaf
+        raises, naming its path.
+
+    Returns:
+      ``score(path, leaf)``, shaped like the leaf.
+
+    Example:
+        >>> params = {"kernel": jnp.array([[4.0, 1.0], [2.0, 1.0]])}
+        >>> s = ria({"kernel": jnp.array([1.0, 4.0])})("kernel", params["kernel"])
+        >>> [[round(v, 3) for v in row] for row in s.tolist()]
+        [[1.467, 0.7], [2.0, 1.667]]
+    """
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise TypeError(f"ria: alpha={alpha!r} must be a number")
+    if not alpha >= 0:
+        raise ValueError(f"ria: alpha={alpha!r} must be >= 0")
+    norms = dict(norms)
+
+    def score(path: str, leaf):
+        n = _input_norms_of(norms, fallback, path, leaf)
+        if n is None:
+            return fallback(leaf)
+        a = magnitude(leaf)
+        k = int(jnp.ndim(norms[path]))
+        if k >= a.ndim:
             raise ValueError(
-                f"{path}: shape={tuple(leaf.shape)}: no input norms were captured for this leaf "
-                f"(captured: {sorted(norms)[:4]}{'...' if len(norms) > 4 else ''}); pass fallback= "
-                "or exclude it with where="
+                f"{path}: shape={tuple(a.shape)}: RIA needs output axes after the {k} input axes its norms cover"
             )
-        n = jnp.asarray(norms[path], jnp.float32)
-        shape = tuple(leaf.shape)
-        if n.shape == shape:
-            return magnitude(leaf) * n
-        if n.ndim >= len(shape) or tuple(shape[: n.ndim]) != tuple(n.shape):
-            raise ValueError(f"{path}: shape={shape} does not start with its input norms' shape {tuple(n.shape)}")
-        return magnitude(leaf) * n.reshape(n.shape + (1,) * (len(shape) - n.ndim))
+        tiny = jnp.finfo(jnp.float32).tiny
+        per_output = jnp.sum(a, axis=tuple(range(k)), keepdims=True)  # over the inputs
+        per_input = jnp.sum(a, axis=tuple(range(k, a.ndim)), keepdims=True)  # over the outputs
+        rel = a / jnp.maximum(per_output, tiny) + a / jnp.maximum(per_input, tiny)
+        return rel * jnp.power(n, alpha)
 
     return score
 

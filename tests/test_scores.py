@@ -95,6 +95,34 @@ def test_wanda_keeps_weights_of_loud_inputs():
     assert bool(mask[3].all())  # input 3 survives the vector step and every stripe
 
 
+def test_ria_matches_its_formula_and_keeps_quiet_channels():
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)
+    n = jnp.asarray(rng.uniform(0.5, 3.0, size=8), jnp.float32)
+    got = scores.ria({"d/kernel": n}, alpha=0.5)("d/kernel", w)
+    a = np.abs(np.asarray(w))
+    want = (a / a.sum(0, keepdims=True) + a / a.sum(1, keepdims=True)) * np.sqrt(np.asarray(n))[:, None]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # a DenseGeneral kernel (H, D, O) with (H, D) input norms: sums over (H, D) and over O
+    w3 = jnp.asarray(rng.normal(size=(2, 4, 6)), jnp.float32)
+    n3 = jnp.asarray(rng.uniform(0.5, 3.0, size=(2, 4)), jnp.float32)
+    got3 = scores.ria({"k": n3}, alpha=1.0)("k", w3)
+    flat = scores.ria({"k": n3.reshape(8)}, alpha=1.0)("k", w3.reshape(8, 6))
+    np.testing.assert_allclose(got3.reshape(8, 6), flat, rtol=1e-6)
+
+
+def test_ria_errors():
+    with pytest.raises(ValueError, match="alpha"):
+        scores.ria({}, alpha=-1.0)
+    with pytest.raises(TypeError, match="alpha"):
+        scores.ria({}, alpha="0.5")
+    with pytest.raises(ValueError, match=r"a/kernel: shape=\(8, 4\): no input norms"):
+        scores.ria({})("a/kernel", jnp.ones((8, 4)))
+    with pytest.raises(ValueError, match=r"b: shape=\(8,\): RIA needs output axes"):
+        scores.ria({"b": jnp.ones(8)})("b", jnp.ones(8))
+    assert scores.ria({}, fallback=scores.magnitude)("c", -jnp.ones(3)).tolist() == [1.0, 1.0, 1.0]
+
+
 def _conv_patch_norms(x, kh, kw, stride, pad):
     """Reference: explicit windows, kernel order (kh, kw, I)."""
     x = np.pad(np.asarray(x), ((0, 0), pad[0], pad[1], (0, 0)))
