@@ -89,22 +89,15 @@ def spmm(x, packed: dict, *, n: int, m: int, vector_size: int, out_dtype, bias=N
 
     The library must be registered (:func:`register`). Runs under ``jit``.
     """
-    t, k = x.shape
+    t = x.shape[0]
     o = packed["row_perm"].shape[0]
     mode = mode or default_mode(t)
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
-    tile = tile_tokens()
-    # tokens schedule: the transposed x tiles, then room for the outputs staged in packed-row order
-    # (used when a block's rows go to non-consecutive channels; the kernel decides from row_perm)
-    work = (-(-t // tile)) * (k + o) * tile * 4 if mode == "tokens" else 0
     if bias is None:
         bias = jnp.zeros((0,), jnp.float32)
-    call = jax.ffi.ffi_call(
-        TARGET_NAME,
-        (jax.ShapeDtypeStruct((t, o), out_dtype), jax.ShapeDtypeStruct((work,), jnp.uint8)),
-    )
-    y, _ = call(
+    call = jax.ffi.ffi_call(TARGET_NAME, jax.ShapeDtypeStruct((t, o), out_dtype))
+    return call(
         x,
         packed["values"],
         packed["positions"],
@@ -116,4 +109,3 @@ def spmm(x, packed: dict, *, n: int, m: int, vector_size: int, out_dtype, bias=N
         vector_size=np.int64(vector_size),
         mode=np.int64(MODES.index(mode)),
     )
-    return y

@@ -260,6 +260,38 @@ inline float* scratch(size_t floats) {
   return buf.data() + ((64 - at % 64) % 64) / sizeof(float);
 }
 
+// Mode 1's per-call buffer (x^T tiles, then the staged outputs of a permuted layout), owned by the
+// calling thread for the duration of the call (the pool's helpers reach it through Problem) and
+// kept for its next call up to kKeepFloats; larger ones are freed when the call ends. It used to be
+// a second output of the custom call, which made XLA's temporary arena of a whole model larger by
+// that much, and its pages were faulted in again in every run: a sparse FFN block (384x1536, GELU,
+// 1536x384 at T = 2048) took 26.5 ms with 12,000 page faults per run against 15.1 ms and 200 now
+// (benchmarks/RESULTS.md).
+constexpr size_t kKeepFloats = size_t(64) << 20 >> 2;  // 64 MB
+
+class CallBuffer {
+ public:
+  explicit CallBuffer(size_t floats) {
+    constexpr size_t kLine = 64 / sizeof(float);
+    thread_local std::vector<float> kept;
+    float* base;
+    if (floats <= kKeepFloats) {
+      if (kept.size() < floats + kLine) kept.resize(floats + kLine);
+      base = kept.data();
+    } else {
+      own_.reset(new float[floats + kLine]);
+      base = own_.get();
+    }
+    const auto at = reinterpret_cast<uintptr_t>(base);
+    data_ = base + ((64 - at % 64) % 64) / sizeof(float);
+  }
+  float* data() const { return data_; }
+
+ private:
+  std::unique_ptr<float[]> own_;
+  float* data_;
+};
+
 // Writes one packed row's outputs for tokens t0.. (cnt of them): y[t, perm[row]] = acc[i] (+ bias).
 template <class Y>
 inline void put_row(const Problem& p, int64_t row, int64_t t0, int64_t cnt, const float* acc, int64_t stride) {
@@ -954,7 +986,7 @@ void run(Problem p, int64_t mode, Pool& pool) {
 
 ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi::Buffer<ffi::U8> pos,
                 ffi::Buffer<ffi::S32> vidx, ffi::Buffer<ffi::S32> perm, ffi::Buffer<ffi::F32> bias,
-                ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Buffer<ffi::U8>> work, int64_t n, int64_t m,
+                ffi::Result<ffi::AnyBuffer> y, int64_t n, int64_t m,
                 int64_t vector_size, int64_t mode) {
   const auto xd = x.dimensions(), vd = vals.dimensions(), id = vidx.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || vd.size() != 4 || id.size() != 2 || yd.size() != 2)
@@ -989,15 +1021,12 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   p.perm = perm.typed_data();
   p.bias = bias.element_count() ? bias.typed_data() : nullptr;
   p.y = y->untyped_data();
-  p.xt = reinterpret_cast<float*>(work->typed_data());
   // Mode 1 stages the outputs when a block's rows go to non-consecutive channels (see finish_unit).
   bool consecutive = true;
   for (int64_t b = 0; b < p.nb && consecutive; ++b)
     for (int64_t r = 1; r < p.v && consecutive; ++r) consecutive = p.perm[b * p.v + r] == p.perm[b * p.v] + r;
   const bool staged = mode == 1 && !consecutive;
   const int64_t tiles = (p.t + kTile - 1) / kTile;
-  if (mode == 1 && int64_t(work->element_count()) < tiles * (p.k + (staged ? p.o : 0)) * kTile * int64_t(sizeof(float)))
-    return ffi::Error::InvalidArgument("hinm_spmm_cpu: work buffer too small for mode 1");
   p.direct = false;
   p.stage = nullptr;
   p.inv = nullptr;
@@ -1018,6 +1047,8 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
     inv[size_t(p.perm[r])] = int32_t(r);
   }
   if (p.t == 0) return ffi::Error::Success();
+  const CallBuffer buffer(mode == 1 ? size_t(tiles * (p.k + (staged ? p.o : 0)) * kTile) : 0);
+  p.xt = buffer.data();
   if (staged) {
     p.inv = inv.data();
     p.stage = p.xt + tiles * p.k * kTile;
@@ -1062,7 +1093,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HinmSpmmCpu, hinm_cpu::Spmm,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // perm (O,)
                                   .Arg<ffi::Buffer<ffi::F32>>()   // bias (O,) or (0,)
                                   .Ret<ffi::AnyBuffer>()          // y (T, O)
-                                  .Ret<ffi::Buffer<ffi::U8>>()    // work bytes (mode 1: x tiles, then the staged outputs)
                                   .Attr<int64_t>("n")
                                   .Attr<int64_t>("m")
                                   .Attr<int64_t>("vector_size")
