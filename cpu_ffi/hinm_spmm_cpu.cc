@@ -238,7 +238,7 @@ struct Problem {
   const int32_t* perm;
   const float* bias;    // nullptr: none
   void* y;
-  float* xt;            // mode 1: transposed tiles, ceil(t / kTile) * k * kTile floats
+  float* xt;            // mode 1: transposed tiles, ceil(t / kTile) * k * kTile floats; mode 0: x8 (m = 4)
   // mode 1 with permuted output rows (row_perm not consecutive inside a block): each unit stores its
   // partial outputs in packed-row order, stage[tile][packed row][kTile], and the unit that completes a
   // tile writes it to y, 16 channels x 16 tokens at a time (see permute_out). nullptr: direct writes.
@@ -435,13 +435,115 @@ void group_scalar(const Problem& p, int64_t b, int64_t g, int64_t t0, int64_t cn
 }
 
 // Unit of mode 0: groups [g0, g1) of block b, all tokens.
+#if HINM_LANES == 16
+// Mode 0 with 4-input stripes and AVX-512, from three tokens on: one window vector holds a stripe's
+// four inputs for four tokens (lane tt * 4 + q), so that the windows are built with shuffles from x8
+// (below) instead of one scalar gather per token and input. Those gathers took a third of a call at
+// T = 8 with V = 32 (benchmarks/RESULTS.md); a lane's index is then its position plus 4 * tt.
+inline bool windows4(const Problem& p, int64_t cnt) { return p.m == 4 && cnt >= 3; }
+
+// x8[(c8 * K + k) * 8 + tt] = x[c8 * 8 + tt, k] (zeros past T), inputs k0 .. k1: each chunk of 8
+// tokens side by side per input, built once per call (8 x 8 transposes in registers for float32).
+template <class X>
+void transpose_x8(const Problem& p, int64_t c8, int64_t k0, int64_t k1, float* x8) {
+  const auto* x = static_cast<const typename X::T*>(p.x);
+  float* out = x8 + c8 * p.k * 8;
+  const int64_t rows = std::min<int64_t>(8, p.t - c8 * 8);
+  int64_t k = k0;
+  if constexpr (std::is_same_v<X, F32>) {
+    for (; k + 8 <= k1; k += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = i < rows ? _mm256_loadu_ps(x + (c8 * 8 + i) * p.k + k) : _mm256_setzero_ps();
+      const __m256 a0 = _mm256_unpacklo_ps(r[0], r[1]), a1 = _mm256_unpackhi_ps(r[0], r[1]);
+      const __m256 a2 = _mm256_unpacklo_ps(r[2], r[3]), a3 = _mm256_unpackhi_ps(r[2], r[3]);
+      const __m256 a4 = _mm256_unpacklo_ps(r[4], r[5]), a5 = _mm256_unpackhi_ps(r[4], r[5]);
+      const __m256 a6 = _mm256_unpacklo_ps(r[6], r[7]), a7 = _mm256_unpackhi_ps(r[6], r[7]);
+      const __m256 b0 = _mm256_shuffle_ps(a0, a2, 0x44), b1 = _mm256_shuffle_ps(a0, a2, 0xEE);
+      const __m256 b2 = _mm256_shuffle_ps(a1, a3, 0x44), b3 = _mm256_shuffle_ps(a1, a3, 0xEE);
+      const __m256 b4 = _mm256_shuffle_ps(a4, a6, 0x44), b5 = _mm256_shuffle_ps(a4, a6, 0xEE);
+      const __m256 b6 = _mm256_shuffle_ps(a5, a7, 0x44), b7 = _mm256_shuffle_ps(a5, a7, 0xEE);
+      // b_i: input k + i (tokens 0-3) | input k + 4 + i (tokens 0-3), likewise b_{4+i} for tokens 4-7
+      const __m256 c[8] = {_mm256_permute2f128_ps(b0, b4, 0x20), _mm256_permute2f128_ps(b1, b5, 0x20),
+                           _mm256_permute2f128_ps(b2, b6, 0x20), _mm256_permute2f128_ps(b3, b7, 0x20),
+                           _mm256_permute2f128_ps(b0, b4, 0x31), _mm256_permute2f128_ps(b1, b5, 0x31),
+                           _mm256_permute2f128_ps(b2, b6, 0x31), _mm256_permute2f128_ps(b3, b7, 0x31)};
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + (k + i) * 8, c[i]);
+    }
+  }
+  for (int tt = 0; tt < 8; ++tt) {
+    const typename X::T* row = x + (c8 * 8 + tt) * p.k;
+    for (int64_t kk = k; kk < k1; ++kk) out[kk * 8 + tt] = tt < rows ? X::get(row, kk) : 0.0f;
+  }
+}
+
+// w4[j * 32 + h * 16 + tt * 4 + q] = x[t0 + 4h + tt, vidx[b, 4j + q]]: stripe j's inputs for tokens
+// 0-3 (h = 0) and 4-7 (h = 1) of the chunk, a 4 x 8 transpose of four x8 rows per stripe.
+inline void build_windows4(const Problem& p, int64_t b, const float* x8c, float* w4) {
+  const int32_t* vi = p.vidx + b * p.kv;
+  for (int64_t j = 0; j < p.kv / 4; ++j) {
+    auto col = [&](int q) { return _mm256_loadu_ps(x8c + (p.direct ? 4 * j + q : vi[4 * j + q]) * 8); };
+    const __m256 r0 = col(0), r1 = col(1), r2 = col(2), r3 = col(3);
+    const __m256 a = _mm256_unpacklo_ps(r0, r1), c = _mm256_unpackhi_ps(r0, r1);
+    const __m256 d = _mm256_unpacklo_ps(r2, r3), e = _mm256_unpackhi_ps(r2, r3);
+    // u_k: token k (inputs q = 0..3) in the low 128 bits, token k + 4 in the high ones
+    const __m256 u0 = _mm256_shuffle_ps(a, d, 0x44), u1 = _mm256_shuffle_ps(a, d, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(c, e, 0x44), u3 = _mm256_shuffle_ps(c, e, 0xEE);
+    const __m512 lo = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_permute2f128_ps(u0, u1, 0x20)),
+                                         _mm256_permute2f128_ps(u2, u3, 0x20), 1);
+    const __m512 hi = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_permute2f128_ps(u0, u1, 0x31)),
+                                         _mm256_permute2f128_ps(u2, u3, 0x31), 1);
+    _mm512_storeu_ps(w4 + j * 32, lo);
+    _mm512_storeu_ps(w4 + j * 32 + 16, hi);
+  }
+}
+
+// One group of 16 packed rows for tokens t0 .. t0+cnt (cnt <= 4 * H) from build_windows4's windows.
+template <class W, class Y, int H>
+void group_rows_in_lanes4(const Problem& p, int64_t b, int64_t g, int64_t t0, int64_t cnt, const float* w4) {
+  const auto* vals = static_cast<const typename W::T*>(p.vals) + (b * p.groups + g) * p.nnz * kGroup;
+  const uint8_t* pos = p.pos + (b * p.groups + g) * p.nnz * kGroup;
+  vf acc[4 * H];
+  for (int i = 0; i < 4 * H; ++i) acc[i] = vf{};
+  const int64_t stripes = p.kv / 4;
+  for (int64_t j = 0; j < stripes; ++j) {
+    vf w[H];
+    for (int h = 0; h < H; ++h) w[h] = loadf(w4 + j * 32 + h * 16);
+    for (int64_t q = 0; q < p.n; ++q) {
+      const int64_t i = j * p.n + q;
+      const vf v = W::load(vals, i, 0);
+      const vi ps = W::load_pos(pos, i, 0);
+      for (int tt = 0; tt < 4; ++tt) {
+        const vi idx = ps + int32_t(4 * tt);
+        for (int h = 0; h < H; ++h) acc[h * 4 + tt] += v * permute(w[h], idx);
+      }
+    }
+  }
+  alignas(64) float out[4 * H][kGroup];
+  for (int i = 0; i < 4 * H; ++i) storef(out[i], acc[i]);
+  put_group<Y>(p, b, g, t0, cnt, &out[0][0]);
+}
+#endif
+
 template <class X, class W, class Y>
 void unit_mode0(const Problem& p, int64_t b, int64_t g0, int64_t g1) {
   const int64_t stride = p.kv + L;  // a full vector load at the last stripe stays inside
   const int64_t chunk = p.m <= L ? kTokens0 : 16;
-  float* win = scratch(size_t(chunk * stride));
+  float* win = scratch(size_t(std::max(chunk * stride, 8 * p.kv)));
   for (int64_t t0 = 0; t0 < p.t; t0 += chunk) {
     const int64_t cnt = std::min<int64_t>(chunk, p.t - t0);
+#if HINM_LANES == 16
+    if (windows4(p, cnt)) {
+      build_windows4(p, b, p.xt + t0 * p.k, win);
+      for (int64_t g = g0; g < g1; ++g) {
+        if (cnt > 4) {
+          group_rows_in_lanes4<W, Y, 2>(p, b, g, t0, cnt, win);
+        } else {
+          group_rows_in_lanes4<W, Y, 1>(p, b, g, t0, cnt, win);
+        }
+      }
+      continue;
+    }
+#endif
     gather_windows<X>(p, b, t0, cnt, win, stride);
     for (int64_t g = g0; g < g1; ++g) {
       if (p.m <= L) {
@@ -925,6 +1027,19 @@ void run(Problem p, int64_t mode, Pool& pool) {
   const double work = double(p.o) * double(p.nnz) * double(p.t);
   const int64_t threads = work < kParallelFrom ? 1 : std::max<int64_t>(1, pool.num_threads());
   if (mode == 0) {
+#if HINM_LANES == 16
+    if constexpr (!dot) {
+      if (p.m == 4) {  // x8 for the chunks of 3 tokens or more (windows4)
+        const int64_t chunks = (p.t + 5) / 8;  // the last chunk only when it has 3 tokens or more
+        constexpr int64_t kc = 512;
+        const int64_t kchunks = (p.k + kc - 1) / kc;
+        parallel_for(pool, threads, chunks * kchunks, [&](int64_t u) {
+          const int64_t k0 = (u % kchunks) * kc;
+          transpose_x8<X>(p, u / kchunks, k0, std::min(p.k, k0 + kc), p.xt);
+        });
+      }
+    }
+#endif
     const int64_t gpu = groups_per_unit(p, threads, 1, p.groups);
     const int64_t per_block = (p.groups + gpu - 1) / gpu;
     parallel_for(pool, threads, p.nb * per_block, [&](int64_t u) {
@@ -1047,7 +1162,9 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
     inv[size_t(p.perm[r])] = int32_t(r);
   }
   if (p.t == 0) return ffi::Error::Success();
-  const CallBuffer buffer(mode == 1 ? size_t(tiles * (p.k + (staged ? p.o : 0)) * kTile) : 0);
+  // mode 1: x^T tiles (+ staged outputs); mode 0 with m = 4 and AVX-512: x in chunks of 8 tokens
+  const int64_t x8 = L == 16 && p.m == 4 ? (p.t + 5) / 8 * 8 * p.k : 0;
+  const CallBuffer buffer(mode == 1 ? size_t(tiles * (p.k + (staged ? p.o : 0)) * kTile) : size_t(x8));
   p.xt = buffer.data();
   if (staged) {
     p.inv = inv.data();
