@@ -23,8 +23,11 @@ TARGET_NAME = "hinm_spmm_cpu"
 MODES = ("rows", "tokens")  # mode 0: packed rows in vector lanes; mode 1: tokens in vector lanes
 
 # Tokens from which the tokens-in-lanes schedule is used (benchmarks/spmm_cpu.py --modes measures
-# both schedules; on a 2-core AVX-512 machine rows-in-lanes wins below this).
-TOKENS_MODE_FROM = 16
+# both schedules; on a 2-core AVX-512 machine rows-in-lanes wins below this): float32 activations,
+# whose rows schedule builds four-token windows by shuffles, and bfloat16 activations (BF16 dot
+# products in both schedules).
+TOKENS_MODE_FROM = 32
+TOKENS_MODE_FROM_BF16 = 16
 
 
 @functools.cache
@@ -70,9 +73,10 @@ def tile_tokens() -> int:
     return int(library().hinm_cpu_tile_tokens())
 
 
-def default_mode(tokens: int) -> str:
-    """The schedule for ``tokens`` rows of activations."""
-    return "rows" if tokens < TOKENS_MODE_FROM else "tokens"
+def default_mode(tokens: int, dtype=jnp.float32) -> str:
+    """The schedule for ``tokens`` rows of activations of ``dtype``."""
+    start = TOKENS_MODE_FROM_BF16 if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) else TOKENS_MODE_FROM
+    return "rows" if tokens < start else "tokens"
 
 
 def spmm(x, packed: dict, *, n: int, m: int, vector_size: int, out_dtype, bias=None, mode: str | None = None):
@@ -91,7 +95,7 @@ def spmm(x, packed: dict, *, n: int, m: int, vector_size: int, out_dtype, bias=N
     """
     t = x.shape[0]
     o = packed["row_perm"].shape[0]
-    mode = mode or default_mode(t)
+    mode = mode or default_mode(t, x.dtype)
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
     if bias is None:

@@ -232,6 +232,12 @@ def test_both_schedules_match_the_reference(pattern, kb, ob, t, mode, dtypes, bi
     assert _rel_err(y, _oracle(x.astype(jnp.float32), sw, b)) <= _tol(xdt, wdt)
 
 
+def test_default_schedule_by_token_count_and_dtype():
+    """float32 activations take the rows schedule below 32 tokens, bfloat16 ones below 16."""
+    assert [cpu_ffi.default_mode(t) for t in (1, 16, 31, 32)] == ["rows", "rows", "rows", "tokens"]
+    assert [cpu_ffi.default_mode(t, BF16) for t in (15, 16)] == ["rows", "tokens"]
+
+
 @pytest.mark.parametrize("t", [0, 1, 7, 1000])
 @pytest.mark.parametrize("pattern", [HiNM(32, 0.5, 2, 4), HiNM(64, 0.5, 2, 4), NM(2, 4), VectorWise(32, 0.5), HiNM(16, 0.5, 1, 8)])
 def test_sparse_matmul_cpu_against_the_xla_reference(pattern, t):
