@@ -22,6 +22,8 @@
 //     and every lane (packed row) picks its own with a variable permute (vpermps), then one FMA with
 //     the 16 rows' values. Values and positions are read once per call: at T = 1 the kernel reads
 //     only the compressed weight (bandwidth bound, like a dense GEMV on a quarter of the bytes).
+//     With m = 4 and AVX-512, from three tokens on, one window vector holds a stripe's 4 inputs for
+//     4 tokens, built by shuffles from x transposed once per call into 8-token chunks (windows4).
 //   mode 1 (many tokens): tokens in vector lanes (XNNPACK's SpMM layout). x is transposed once into
 //     tiles xt[tile][k][TT] (TT tokens per tile); for a block and a tile, the block's kept rows of xt
 //     are copied, a chunk of stripes at a time, into a contiguous L1 panel, then each kept value is
@@ -260,13 +262,13 @@ inline float* scratch(size_t floats) {
   return buf.data() + ((64 - at % 64) % 64) / sizeof(float);
 }
 
-// Mode 1's per-call buffer (x^T tiles, then the staged outputs of a permuted layout), owned by the
-// calling thread for the duration of the call (the pool's helpers reach it through Problem) and
-// kept for its next call up to kKeepFloats; larger ones are freed when the call ends. It used to be
-// a second output of the custom call, which made XLA's temporary arena of a whole model larger by
-// that much, and its pages were faulted in again in every run: a sparse FFN block (384x1536, GELU,
-// 1536x384 at T = 2048) took 26.5 ms with 12,000 page faults per run against 15.1 ms and 200 now
-// (benchmarks/RESULTS.md).
+// The per-call buffer (mode 1: x^T tiles, then the staged outputs of a permuted layout; mode 0: x in
+// 8-token chunks for windows4), owned by the calling thread for the duration of the call (the pool's
+// helpers reach it through Problem) and kept for its next call up to kKeepFloats; larger ones are
+// freed when the call ends. It used to be a second output of the custom call, which made XLA's
+// temporary arena of a whole model larger by that much, and its pages were faulted in again in
+// every run: a sparse FFN block (384x1536, GELU, 1536x384 at T = 2048) took 26.5 ms with 12,000
+// page faults per run against 15.1 ms and 200 now (benchmarks/RESULTS.md).
 constexpr size_t kKeepFloats = size_t(64) << 20 >> 2;  // 64 MB
 
 class CallBuffer {
@@ -434,7 +436,6 @@ void group_scalar(const Problem& p, int64_t b, int64_t g, int64_t t0, int64_t cn
   }
 }
 
-// Unit of mode 0: groups [g0, g1) of block b, all tokens.
 #if HINM_LANES == 16
 // Mode 0 with 4-input stripes and AVX-512, from three tokens on: one window vector holds a stripe's
 // four inputs for four tokens (lane tt * 4 + q), so that the windows are built with shuffles from x8
@@ -524,6 +525,7 @@ void group_rows_in_lanes4(const Problem& p, int64_t b, int64_t g, int64_t t0, in
 }
 #endif
 
+// Unit of mode 0: groups [g0, g1) of block b, all tokens.
 template <class X, class W, class Y>
 void unit_mode0(const Problem& p, int64_t b, int64_t g0, int64_t g1) {
   const int64_t stride = p.kv + L;  // a full vector load at the last stripe stays inside
