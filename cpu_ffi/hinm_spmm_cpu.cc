@@ -249,6 +249,10 @@ struct Problem {
   std::atomic<int32_t>* tile_done;  // units finished per tile, with stage
   int64_t pieces;                 // units per tile (mode 1)
   bool direct;          // a single block whose vector index is 0..K-1
+  // float32 outputs of kStreamFrom bytes or more are written by put16 with streaming stores: they
+  // would not stay in a core's L2, and skipping the read for ownership of each line made MiniLM-L6
+  // about 4% faster end to end (benchmarks/RESULTS.md).
+  bool stream;
 };
 
 // Thread-local scratch that grows and is never shrunk: windows and panels are rebuilt every unit,
@@ -270,6 +274,7 @@ inline float* scratch(size_t floats) {
 // every run: a sparse FFN block (384x1536, GELU, 1536x384 at T = 2048) took 26.5 ms with 12,000
 // page faults per run against 15.1 ms and 200 now (benchmarks/RESULTS.md).
 constexpr size_t kKeepFloats = size_t(64) << 20 >> 2;  // 64 MB
+constexpr int64_t kStreamFrom = int64_t(1) << 20;       // output bytes from which put16 streams (Problem::stream)
 
 class CallBuffer {
  public:
@@ -676,7 +681,12 @@ inline void put16(const Problem& p, int64_t t0, int64_t cnt, int64_t c0, const f
       if (tt >= cnt) continue;
       const __m512 v = _mm512_add_ps(r[j], bv);
       if constexpr (std::is_same_v<Y, F32>) {
-        _mm512_storeu_ps(y + (t0 + tt) * p.o + c0, v);
+        float* dst = y + (t0 + tt) * p.o + c0;
+        if (p.stream && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
+          _mm512_stream_ps(dst, v);
+        } else {
+          _mm512_storeu_ps(dst, v);
+        }
       } else {
         alignas(64) float buf[16];
         _mm512_store_ps(buf, v);
@@ -978,6 +988,13 @@ void unit_mode1_dot(const Problem& p, int64_t b, int64_t g0, int64_t g1, int64_t
 #define HINM_BF16_DOT 0
 #endif
 
+// Orders this thread's streaming (non-temporal) stores before what follows (put16, Problem::stream).
+inline void fence_streams() {
+#if HINM_LANES == 16
+  _mm_sfence();
+#endif
+}
+
 // ---- work splitting --------------------------------------------------------------------------------
 
 // Runs fn(u) for u in [0, units) on the calling thread and up to threads - 1 pool tasks. Units
@@ -997,6 +1014,7 @@ void parallel_for(Pool& pool, int64_t threads, int64_t units, const Fn& fn) {
   auto work = [sh, units, fnp = &fn]() {
     for (int64_t u; (u = sh->next.fetch_add(1, std::memory_order_relaxed)) < units;) {
       (*fnp)(u);
+      fence_streams();  // a unit's streaming output stores are visible before it counts as done
       if (sh->done.fetch_add(1, std::memory_order_acq_rel) + 1 == units) sh->done.notify_all();
     }
   };
@@ -1145,6 +1163,7 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   const bool staged = mode == 1 && !consecutive;
   const int64_t tiles = (p.t + kTile - 1) / kTile;
   p.direct = false;
+  p.stream = p.t * p.o * int64_t(sizeof(float)) >= kStreamFrom;  // used by float32 outputs only
   p.stage = nullptr;
   p.inv = nullptr;
   p.tile_done = nullptr;

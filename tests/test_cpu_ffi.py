@@ -232,6 +232,19 @@ def test_both_schedules_match_the_reference(pattern, kb, ob, t, mode, dtypes, bi
     assert _rel_err(y, _oracle(x.astype(jnp.float32), sw, b)) <= _tol(xdt, wdt)
 
 
+@pytest.mark.parametrize("o", [512, 520])
+@pytest.mark.parametrize("permuted", [False, True])
+def test_outputs_of_a_megabyte_or_more_are_streamed_correctly(o, permuted):
+    """float32 outputs from 1 MB on are written with streaming stores (rows 64-byte aligned with
+    O = 512; O = 520 mixes aligned and unaligned rows), fenced before the call returns."""
+    rng = np.random.default_rng(o)
+    sw = _weight(rng, 64, o, HiNM(8, 0.5, 2, 4), F32, permuted=permuted)
+    x = jnp.asarray(rng.normal(size=(600, 64)), F32)
+    assert 600 * o * 4 >= 2**20
+    y = cpu_ffi.spmm(x, _cpu.pack(sw), n=2, m=4, vector_size=8, out_dtype=F32, mode="tokens")
+    assert _rel_err(y, _oracle(x, sw)) <= 1e-5
+
+
 def test_default_schedule_by_token_count_and_dtype():
     """float32 activations take the rows schedule below 32 tokens, bfloat16 ones below 16."""
     assert [cpu_ffi.default_mode(t) for t in (1, 16, 31, 32)] == ["rows", "rows", "rows", "tokens"]
