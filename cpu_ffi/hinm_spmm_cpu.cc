@@ -240,12 +240,13 @@ struct Problem {
   const int32_t* perm;
   const float* bias;    // nullptr: none
   void* y;
-  float* xt;            // mode 1: transposed tiles, ceil(t / kTile) * k * kTile floats; mode 0: x8 (m = 4)
+  float* xt;            // mode 1: transposed tiles, k * kTile floats each (slots, see xt_slot); mode 0: x8 (windows4)
+  int64_t ring_tiles;   // mode 1: tiles per group of the x^T ring (0: one slot per tile)
   // mode 1 with permuted output rows (row_perm not consecutive inside a block): each unit stores its
   // partial outputs in packed-row order, stage[tile][packed row][kTile], and the unit that completes a
   // tile writes it to y, 16 channels x 16 tokens at a time (see permute_out). nullptr: direct writes.
   float* stage;
-  const int32_t* inv;             // output channel -> packed row (the inverse of perm), with stage
+  const int32_t* inv;             // output channel -> packed row (the inverse of perm); set: staged
   std::atomic<int32_t>* tile_done;  // units finished per tile, with stage
   int64_t pieces;                 // units per tile (mode 1)
   bool direct;          // a single block whose vector index is 0..K-1
@@ -254,6 +255,14 @@ struct Problem {
   // about 4% faster end to end (benchmarks/RESULTS.md).
   bool stream;
 };
+
+// Mode 1: x^T is a ring of kRing groups of ring_tiles token tiles (consecutive tiles of a group in
+// consecutive slots): a group's slots are transposed into once the units of the group kRing before
+// it have finished, so x^T stays in the caches instead of being written to memory for the whole call.
+constexpr int64_t kRing = 2;
+inline int64_t xt_slot(const Problem& p, int64_t tile) {
+  return p.ring_tiles ? (tile / p.ring_tiles) % kRing * p.ring_tiles + tile % p.ring_tiles : tile;
+}
 
 // Thread-local scratch that grows and is never shrunk: windows and panels are rebuilt every unit,
 // and a fresh allocation per call would pay page faults larger than the work it holds.
@@ -266,7 +275,7 @@ inline float* scratch(size_t floats) {
   return buf.data() + ((64 - at % 64) % 64) / sizeof(float);
 }
 
-// The per-call buffer (mode 1: x^T tiles, then the staged outputs of a permuted layout; mode 0: x in
+// The per-call buffer (mode 1: the x^T ring, then the staged outputs of a permuted layout; mode 0: x in
 // 8-token chunks for windows4), owned by the calling thread for the duration of the call (the pool's
 // helpers reach it through Problem) and kept for its next call up to kKeepFloats; larger ones are
 // freed when the call ends. It used to be a second output of the custom call, which made XLA's
@@ -446,7 +455,14 @@ void group_scalar(const Problem& p, int64_t b, int64_t g, int64_t t0, int64_t cn
 // four inputs for four tokens (lane tt * 4 + q), so that the windows are built with shuffles from x8
 // (below) instead of one scalar gather per token and input. Those gathers took a third of a call at
 // T = 8 with V = 32 (benchmarks/RESULTS.md); a lane's index is then its position plus 4 * tt.
-inline bool windows4(const Problem& p, int64_t cnt) { return p.m == 4 && cnt >= 3; }
+constexpr int64_t kWindows4From = 3;  // tokens of a chunk from which windows4 pays
+inline bool windows4(const Problem& p, int64_t cnt) { return p.m == 4 && cnt >= kWindows4From; }
+
+// Chunks of kTokens0 (8) tokens that windows4 reads from x8: every full one, the last one only when it
+// has kWindows4From tokens or more.
+inline int64_t windows4_chunks(const Problem& p) {
+  return p.m == 4 ? (p.t + kTokens0 - kWindows4From) / kTokens0 : 0;
+}
 
 // x8[(c8 * K + k) * 8 + tt] = x[c8 * 8 + tt, k] (zeros past T), inputs k0 .. k1: each chunk of 8
 // tokens side by side per input, built once per call (8 x 8 transposes in registers for float32).
@@ -595,7 +611,7 @@ __attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
 template <class X>
 void transpose_tile(const Problem& p, int64_t tile, int64_t k0, int64_t k1) {
   const auto* x = static_cast<const typename X::T*>(p.x);
-  float* xt = p.xt + tile * p.k * kTile;
+  float* xt = p.xt + xt_slot(p, tile) * p.k * kTile;
   int64_t ka = k0;
 #if HINM_LANES == 16
   for (; ka + 16 <= k1; ka += 16) {
@@ -769,7 +785,7 @@ void finish_unit(const Problem& p, int64_t b, int64_t g0, int64_t rows, int64_t 
 template <class W, class Y, int S>
 void unit_mode1(const Problem& p, int64_t b, int64_t g0, int64_t g1, int64_t tile) {
   constexpr int64_t PT = S * kTile;  // floats per panel row and per row of partial sums
-  const float* xt = p.xt + tile * p.k * kTile;
+  const float* xt = p.xt + xt_slot(p, tile) * p.k * kTile;
   const int64_t rows = std::min<int64_t>(g1 * kGroup, p.v) - g0 * kGroup;
   const int64_t quads = (rows + kRows - 1) / kRows;
   const int64_t cs = chunk_stripes(p, S), stripes = p.kv / p.m;
@@ -892,7 +908,7 @@ void unit_mode0_dot(const Problem& p, int64_t b, int64_t g0, int64_t g1) {
 // 16 input pairs (32-bit words) at a time through registers, then each word split into its two inputs' rows.
 inline void transpose_tile16(const Problem& p, int64_t tile, int64_t k0, int64_t k1) {
   const auto* x = static_cast<const uint16_t*>(p.x);
-  uint16_t* xt = reinterpret_cast<uint16_t*>(p.xt) + tile * p.k * kTile;
+  uint16_t* xt = reinterpret_cast<uint16_t*>(p.xt) + xt_slot(p, tile) * p.k * kTile;
   int64_t ka = k0;
   for (; ka + 32 <= k1; ka += 32) {
     for (int64_t h = 0; h < kTile; h += 16) {
@@ -950,7 +966,7 @@ inline void rows_dot_tokens(const Problem& p, int64_t b, int64_t g, int l0, int6
 
 template <class Y>
 void unit_mode1_dot(const Problem& p, int64_t b, int64_t g0, int64_t g1, int64_t tile) {
-  const uint16_t* xt = reinterpret_cast<const uint16_t*>(p.xt) + tile * p.k * kTile;
+  const uint16_t* xt = reinterpret_cast<const uint16_t*>(p.xt) + xt_slot(p, tile) * p.k * kTile;
   const int64_t rows = std::min<int64_t>(g1 * kGroup, p.v) - g0 * kGroup;
   const int64_t quads = (rows + kRows - 1) / kRows;
   const int64_t cs = std::max<int64_t>(1, kChunkBytes / (kStripeWords * 2)), stripes = p.kv / 4;
@@ -987,6 +1003,14 @@ void unit_mode1_dot(const Problem& p, int64_t b, int64_t g0, int64_t g1, int64_t
 #else
 #define HINM_BF16_DOT 0
 #endif
+
+// One step of a short busy wait (spins: the steps so far).
+inline void spin_pause(int64_t& spins) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (++spins % 1024) return __builtin_ia32_pause();
+#endif
+  std::this_thread::yield();  // now and then, in case the awaited thread shares this core
+}
 
 // Orders this thread's streaming (non-temporal) stores before what follows (put16, Problem::stream).
 inline void fence_streams() {
@@ -1037,27 +1061,37 @@ inline int64_t groups_per_unit(const Problem& p, int64_t threads, int64_t tiles,
   return std::min(gpu, cap);
 }
 
-// Multiply-adds below which the pool is not used: waking a pool thread costs more than it saves.
-constexpr double kParallelFrom = 1 << 18;
+// Below both, the call runs on the calling thread alone. Pool tasks started 10-260 us after they were
+// scheduled in calls through JAX on a 2-core machine, so calls that one thread finishes in 0.1-0.3 ms
+// (384x1536 and 1536x384 at T = 8-32, weights in the caches) ran 1.2-2x faster without the pool;
+// weights of several MB come from memory, which two cores read faster (benchmarks/RESULTS.md).
+constexpr double kParallelFrom = 1 << 24;       // multiply-adds
+constexpr double kParallelBytesFrom = 1 << 22;  // weight bytes (values and positions)
 
+// p.inv set: mode 1 stages the outputs (a permuted layout, see finish_unit).
 template <class X, class W, class Y, class Pool>
 void run(Problem p, int64_t mode, Pool& pool) {
   // bfloat16 activations with pair-layout weights take the BF16 dot products where the CPU has them.
   constexpr bool dot = HINM_BF16_DOT && std::is_same_v<X, BF16> && W::pairs;
   const double work = double(p.o) * double(p.nnz) * double(p.t);
-  const int64_t threads = work < kParallelFrom ? 1 : std::max<int64_t>(1, pool.num_threads());
+  const double bytes = double(p.o) * double(p.nnz) * double(sizeof(typename W::T) + 1);
+  const bool alone = work < kParallelFrom && bytes < kParallelBytesFrom;
+  const int64_t threads = alone ? 1 : std::max<int64_t>(1, pool.num_threads());
+  constexpr int64_t kc = 512;  // inputs per transpose item
+  const int64_t kchunks = (p.k + kc - 1) / kc;
   if (mode == 0) {
+    int64_t chunks = 0;  // x8 chunks for windows4
 #if HINM_LANES == 16
-    if constexpr (!dot) {
-      if (p.m == 4) {  // x8 for the chunks of 3 tokens or more (windows4)
-        const int64_t chunks = (p.t + 5) / 8;  // the last chunk only when it has 3 tokens or more
-        constexpr int64_t kc = 512;
-        const int64_t kchunks = (p.k + kc - 1) / kc;
-        parallel_for(pool, threads, chunks * kchunks, [&](int64_t u) {
-          const int64_t k0 = (u % kchunks) * kc;
-          transpose_x8<X>(p, u / kchunks, k0, std::min(p.k, k0 + kc), p.xt);
-        });
-      }
+    if (!dot) chunks = windows4_chunks(p);
+#endif
+    const CallBuffer buffer(size_t(chunks * kTokens0 * p.k));
+    p.xt = buffer.data();
+#if HINM_LANES == 16
+    if (chunks) {
+      parallel_for(pool, threads, chunks * kchunks, [&](int64_t u) {
+        const int64_t k0 = (u % kchunks) * kc;
+        transpose_x8<X>(p, u / kchunks, k0, std::min(p.k, k0 + kc), p.xt);
+      });
     }
 #endif
     const int64_t gpu = groups_per_unit(p, threads, 1, p.groups);
@@ -1072,48 +1106,79 @@ void run(Problem p, int64_t mode, Pool& pool) {
     return;
   }
   const int64_t tiles = (p.t + kTile - 1) / kTile;
-  constexpr int64_t kc = 512;
-  const int64_t kchunks = (p.k + kc - 1) / kc;
-  parallel_for(pool, threads, tiles * kchunks, [&](int64_t u) {
-    const int64_t k0 = (u % kchunks) * kc;
-#if HINM_BF16_DOT
-    if constexpr (dot) return transpose_tile16(p, u / kchunks, k0, std::min(p.k, k0 + kc));
-#endif
-    transpose_tile<X>(p, u / kchunks, k0, std::min(p.k, k0 + kc));
-  });
   // Units of the float32 loop take kSpan token tiles side by side where there are that many.
   const int64_t span = dot || tiles < kSpan ? 1 : kSpan, spans = (tiles + span - 1) / span;
   const int64_t gpu = groups_per_unit(p, threads, spans, 4);
   const int64_t per_block = (p.groups + gpu - 1) / gpu;
+  const int64_t pieces = p.nb * per_block;
   // Units in super-tiles: a group of pieces (about kSuperBytes of values and positions) times a
   // group of token tiles (about kSuperBytes of x^T) is finished before the next, so that both
   // stay in the caches while the units that share them run; walking all tiles of a piece, or all
-  // pieces of a tile, would stream one of the two from memory again and again at large T.
-  const int64_t pieces = p.nb * per_block;
-  std::unique_ptr<std::atomic<int32_t>[]> done;  // staged outputs: units finished per tile
-  if (p.stage) {
-    done.reset(new std::atomic<int32_t>[size_t(tiles)]());
-    p.tile_done = done.get();
-  }
-  p.pieces = pieces;
+  // pieces of a tile, would stream one of the two from memory again and again at large T. A group
+  // of tiles is transposed right before its units, into the x^T ring (xt_slot).
   const double piece_bytes = double(gpu * kGroup) * double(p.nnz) * (double(sizeof(typename W::T)) + 1.0);
   const double span_bytes = double(p.k) * kTile * span * (dot ? 2 : 4);
   const int64_t pg = std::clamp<int64_t>(int64_t(kSuperBytes / piece_bytes), 1, pieces);
   const int64_t sg = std::clamp<int64_t>(int64_t(kSuperBytes / span_bytes), 1, spans);
-  std::vector<std::pair<int32_t, int32_t>> order;  // (span, piece)
-  order.reserve(size_t(pieces * spans));
-  for (int64_t s0 = 0; s0 < spans; s0 += sg)
+  const int64_t groups = (spans + sg - 1) / sg;
+  p.ring_tiles = groups > kRing ? sg * span : 0;
+  const int64_t slots = p.ring_tiles ? kRing * p.ring_tiles : tiles;
+  const CallBuffer buffer(size_t((slots * p.k + (p.inv ? tiles * p.o : 0)) * kTile));  // x^T, then the stage
+  p.xt = buffer.data();
+  std::unique_ptr<std::atomic<int32_t>[]> done;  // staged outputs: units finished per tile
+  if (p.inv) {
+    p.stage = p.xt + slots * p.k * kTile;
+    done.reset(new std::atomic<int32_t>[size_t(tiles)]());
+    p.tile_done = done.get();
+  }
+  p.pieces = pieces;
+  // Per group of tiles: transposes finished, units finished.
+  std::unique_ptr<std::atomic<int32_t>[]> ready(new std::atomic<int32_t>[size_t(groups)]());
+  std::unique_ptr<std::atomic<int32_t>[]> finished(new std::atomic<int32_t>[size_t(groups)]());
+  auto group_tiles = [&](int64_t g) { return std::min(tiles, (g + 1) * sg * span) - g * sg * span; };
+  auto group_spans = [&](int64_t g) { return std::min(spans, (g + 1) * sg) - g * sg; };
+  std::vector<std::pair<int32_t, int32_t>> order;  // (span, piece) of a unit; (tile, -1 - k chunk) of a transpose
+  order.reserve(size_t(pieces * spans + tiles * kchunks));
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t s0 = g * sg, s1 = s0 + group_spans(g);
+    for (int64_t t = s0 * span; t < s0 * span + group_tiles(g); ++t)
+      for (int64_t c = 0; c < kchunks; ++c) order.emplace_back(t, -1 - c);
     for (int64_t p0 = 0; p0 < pieces; p0 += pg)
-      for (int64_t sp = s0; sp < std::min(spans, s0 + sg); ++sp)
+      for (int64_t sp = s0; sp < s1; ++sp)
         for (int64_t piece = p0; piece < std::min(pieces, p0 + pg); ++piece) order.emplace_back(sp, piece);
-  parallel_for(pool, threads, pieces * spans, [&](int64_t u) {
-    const auto [sp, piece] = order[size_t(u)];
-    const int64_t b = piece / per_block, g0 = (piece % per_block) * gpu, g1 = std::min(p.groups, g0 + gpu), tile = sp * span;
+  }
+  // Items are taken in this order, so a transpose waits only for units already taken (those of the
+  // group kRing before, whose slots it reuses) and a unit only for its group's transposes.
+  parallel_for(pool, threads, int64_t(order.size()), [&](int64_t u) {
+    const auto [a, c] = order[size_t(u)];
+    if (c < 0) {
+      const int64_t g = a / (sg * span);
+      if (p.ring_tiles && g >= kRing) {
+        const int32_t need = int32_t(pieces * group_spans(g - kRing));
+        for (int64_t spins = 0; finished[size_t(g - kRing)].load(std::memory_order_acquire) < need;) spin_pause(spins);
+      }
+      const int64_t k0 = (-1 - c) * kc, k1 = std::min(p.k, k0 + kc);
+      [&] {
 #if HINM_BF16_DOT
-    if constexpr (dot) return unit_mode1_dot<Y>(p, b, g0, g1, tile);
+        if constexpr (dot) return transpose_tile16(p, a, k0, k1);
 #endif
-    if (span == kSpan && tile + kSpan <= tiles) return unit_mode1<W, Y, kSpan>(p, b, g0, g1, tile);
-    for (int64_t t = tile; t < std::min(tiles, tile + span); ++t) unit_mode1<W, Y, 1>(p, b, g0, g1, t);
+        transpose_tile<X>(p, a, k0, k1);
+      }();
+      ready[size_t(g)].fetch_add(1, std::memory_order_release);
+      return;
+    }
+    const int64_t g = a / sg;
+    const int32_t need = int32_t(group_tiles(g) * kchunks);
+    for (int64_t spins = 0; ready[size_t(g)].load(std::memory_order_acquire) < need;) spin_pause(spins);
+    const int64_t b = c / per_block, g0 = (c % per_block) * gpu, g1 = std::min(p.groups, g0 + gpu), tile = a * span;
+    [&] {
+#if HINM_BF16_DOT
+      if constexpr (dot) return unit_mode1_dot<Y>(p, b, g0, g1, tile);
+#endif
+      if (span == kSpan && tile + kSpan <= tiles) return unit_mode1<W, Y, kSpan>(p, b, g0, g1, tile);
+      for (int64_t t = tile; t < std::min(tiles, tile + span); ++t) unit_mode1<W, Y, 1>(p, b, g0, g1, t);
+    }();
+    finished[size_t(g)].fetch_add(1, std::memory_order_release);
   });
 }
 
@@ -1161,13 +1226,13 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   for (int64_t b = 0; b < p.nb && consecutive; ++b)
     for (int64_t r = 1; r < p.v && consecutive; ++r) consecutive = p.perm[b * p.v + r] == p.perm[b * p.v] + r;
   const bool staged = mode == 1 && !consecutive;
-  const int64_t tiles = (p.t + kTile - 1) / kTile;
   p.direct = false;
   p.stream = p.t * p.o * int64_t(sizeof(float)) >= kStreamFrom;  // used by float32 outputs only
   p.stage = nullptr;
   p.inv = nullptr;
   p.tile_done = nullptr;
   p.pieces = 0;
+  p.ring_tiles = 0;
   if (p.nb == 1 && p.kv == p.k) {
     p.direct = true;
     for (int64_t j = 0; j < p.kv && p.direct; ++j) p.direct = p.vidx[j] == j;
@@ -1183,14 +1248,7 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
     inv[size_t(p.perm[r])] = int32_t(r);
   }
   if (p.t == 0) return ffi::Error::Success();
-  // mode 1: x^T tiles (+ staged outputs); mode 0 with m = 4 and AVX-512: x in chunks of 8 tokens
-  const int64_t x8 = L == 16 && p.m == 4 ? (p.t + 5) / 8 * 8 * p.k : 0;
-  const CallBuffer buffer(mode == 1 ? size_t(tiles * (p.k + (staged ? p.o : 0)) * kTile) : size_t(x8));
-  p.xt = buffer.data();
-  if (staged) {
-    p.inv = inv.data();
-    p.stage = p.xt + tiles * p.k * kTile;
-  }
+  if (staged) p.inv = inv.data();
 
   using ffi::DataType;
   const DataType xt = x.element_type(), wt = vals.element_type(), yt = y->element_type();

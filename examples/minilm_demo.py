@@ -651,18 +651,15 @@ def main(argv=None):
     task = {"dense": task_score(params)}
     print(f"task, dense model: MRR {task['dense']['mrr']:.1f}, recall@1 {task['dense']['recall@1']:.1f}")
 
-    # calibration: input norms for Wanda scores (padding tokens weighted 0)
+    # calibration: input norms for the Wanda and RIA scores (padding tokens weighted 0)
     calib = calibration_batches(tokenizer, train[: args.calibration])
     run = lambda f, batch: f(*batch)  # noqa: E731 (a batch is (ids, attention mask))
     tokens = lambda batch: batch[1]  # noqa: E731
-    if args.score == "wanda":
-        norms = scores.input_norms(model, calib, {"params": params}, call=run, row_weights=tokens)
-        score = scores.wanda(norms)
-    elif args.score == "ria":
-        norms = scores.input_norms(model, calib, {"params": params}, call=run, row_weights=tokens)
-        score = scores.ria(norms)
-    else:
+    if args.score == "magnitude":
         score = lambda path, w: scores.magnitude(w)  # noqa: E731
+    else:
+        norms = scores.input_norms(model, calib, {"params": params}, call=run, row_weights=tokens)
+        score = {"wanda": scores.wanda, "ria": scores.ria}[args.score](norms)
 
     pattern = hinm_jax.parse_pattern(f"hinm:{args.vector_size}:0.5:2:4" if args.vector_size else args.pattern)
     key = jax.random.key(args.seed)

@@ -232,17 +232,48 @@ def test_both_schedules_match_the_reference(pattern, kb, ob, t, mode, dtypes, bi
     assert _rel_err(y, _oracle(x.astype(jnp.float32), sw, b)) <= _tol(xdt, wdt)
 
 
-@pytest.mark.parametrize("o", [512, 520])
+@pytest.mark.parametrize("o, v", [(512, 32), (520, 40)])
 @pytest.mark.parametrize("permuted", [False, True])
-def test_outputs_of_a_megabyte_or_more_are_streamed_correctly(o, permuted):
-    """float32 outputs from 1 MB on are written with streaming stores (rows 64-byte aligned with
-    O = 512; O = 520 mixes aligned and unaligned rows), fenced before the call returns."""
+def test_outputs_of_a_megabyte_or_more_are_streamed_correctly(o, v, permuted):
+    """float32 outputs from 1 MB on are written 16 channels at a time with streaming stores (rows
+    64-byte aligned with O = 512; O = 520 mixes aligned and unaligned rows, and its blocks of 40 rows
+    end in a group of 8), fenced before the call returns; identity and permuted layouts alike."""
     rng = np.random.default_rng(o)
-    sw = _weight(rng, 64, o, HiNM(8, 0.5, 2, 4), F32, permuted=permuted)
+    sw = _weight(rng, 64, o, HiNM(v, 0.5, 2, 4), F32, permuted=permuted)
     x = jnp.asarray(rng.normal(size=(600, 64)), F32)
     assert 600 * o * 4 >= 2**20
-    y = cpu_ffi.spmm(x, _cpu.pack(sw), n=2, m=4, vector_size=8, out_dtype=F32, mode="tokens")
+    y = cpu_ffi.spmm(x, _cpu.pack(sw), n=2, m=4, vector_size=v, out_dtype=F32, mode="tokens")
     assert _rel_err(y, _oracle(x, sw)) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["rows", "tokens"])
+@pytest.mark.parametrize("permuted", [False, True])
+def test_calls_of_16m_multiply_adds_or_more_split_across_the_pool(mode, permuted):
+    """Smaller calls run on the calling thread alone; from 2**24 multiply-adds (here 1024 rows x
+    128 kept inputs x 130 tokens) the units are shared with the pool's threads, the staged outputs
+    of permuted layouts written by whichever thread finishes a tile last."""
+    rng = np.random.default_rng(5)
+    sw = _weight(rng, 512, 1024, HiNM(32, 0.5, 2, 4), F32, permuted=permuted)
+    x = jnp.asarray(rng.normal(size=(130, 512)), F32)
+    b = jnp.asarray(rng.normal(size=(1024,)), jnp.float32)
+    assert 1024 * 128 * 130 >= 2**24
+    y = cpu_ffi.spmm(x, _cpu.pack(sw), n=2, m=4, vector_size=32, out_dtype=F32, bias=b, mode=mode)
+    assert _rel_err(y, _oracle(x, sw, b)) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "pattern, dtype", [(HiNM(32, 0.5, 2, 4), F32), (NM(2, 4), BF16)], ids=["hinm-float32", "2:4-bfloat16"]
+)
+@pytest.mark.parametrize("permuted", [False, True])
+def test_tokens_schedule_reuses_the_transposed_inputs_ring(pattern, dtype, permuted):
+    """With K = 4096, 600 tokens make 5 (float32) or 3 (bfloat16 dot products) groups of token tiles
+    of about 2 MB of x^T each: more than the ring's two slots, so later groups are transposed into
+    the slots of earlier ones once their units have finished, on both of the pool's threads."""
+    rng = np.random.default_rng(9)
+    sw = _weight(rng, 4096, 64, pattern, dtype, permuted=permuted)
+    x = jnp.asarray(rng.normal(size=(600, 4096)), dtype)
+    y = cpu_ffi.spmm(x, _cpu.pack(sw), n=sw.n, m=sw.m, vector_size=sw.vector_size, out_dtype=dtype, mode="tokens")
+    assert _rel_err(y, _oracle(x.astype(jnp.float32), sw)) <= _tol(dtype, dtype)
 
 
 def test_default_schedule_by_token_count_and_dtype():
