@@ -24,9 +24,10 @@
 //     only the compressed weight (bandwidth bound, like a dense GEMV on a quarter of the bytes).
 //     With m = 4 and AVX-512, from three tokens on, one window vector holds a stripe's 4 inputs for
 //     4 tokens, built by shuffles from x transposed once per call into 8-token chunks (windows4).
-//   mode 1 (many tokens): tokens in vector lanes (XNNPACK's SpMM layout). x is transposed once into
-//     tiles xt[tile][k][TT] (TT tokens per tile); for a block and a tile, the block's kept rows of xt
-//     are copied, a chunk of stripes at a time, into a contiguous L1 panel, then each kept value is
+//   mode 1 (many tokens): tokens in vector lanes (XNNPACK's SpMM layout). x is transposed into
+//     tiles xt[tile][k][TT] (TT tokens per tile), a group of tiles at a time into a two-group ring
+//     (xt_slot) right before the units that read it; for a block and a tile, the block's kept rows
+//     of xt are copied, a chunk of stripes at a time, into a contiguous L1 panel, then each kept value is
 //     broadcast and multiplies a TT-token row of the panel: one FMA per value per L tokens, R rows
 //     at a time so R*TT/L independent accumulators hide the FMA latency. Where there are two tiles or
 //     more, a float32 unit takes two tiles side by side (panel rows of 2 * TT tokens), so that each
@@ -37,10 +38,11 @@
 // outputs of a permuted layout (rows of a block going to non-consecutive channels, as after 2CP) in
 // packed-row order and writes each finished token tile 16 channels x 16 tokens at a time
 // (permute_out). Work is split into units (block pieces x token tiles) taken from an atomic counter
-// by the calling thread and by tasks on XLA's intra-op thread pool (ffi::ThreadPool), so the kernel
-// uses every core the dense dot it replaces would use. bf16 activations with pair-layout weights use
-// the AVX-512 BF16 dot product (vdpbf16ps: two multiply-adds per lane) where the build has it; other
-// bf16 inputs are widened to fp32 on load. bf16 outputs are rounded to nearest even.
+// by the calling thread and, in calls large enough (kParallelFrom), by tasks on XLA's intra-op
+// thread pool (ffi::ThreadPool), so the kernel uses every core the dense dot it replaces would use.
+// bf16 activations with pair-layout weights use the AVX-512 BF16 dot product (vdpbf16ps: two
+// multiply-adds per lane) where the build has it; other bf16 inputs are widened to fp32 on load.
+// bf16 outputs are rounded to nearest even.
 //
 // Instruction sets: GCC vector extensions of L lanes, L = 16 with AVX-512, 8 with AVX2, 4 otherwise,
 // chosen by the compiler flags of the build (cpu_ffi/build.py compiles for the host, -march=native,
