@@ -1075,9 +1075,9 @@ template <class X, class W, class Y, class Pool>
 void run(Problem p, int64_t mode, Pool& pool) {
   // bfloat16 activations with pair-layout weights take the BF16 dot products where the CPU has them.
   constexpr bool dot = HINM_BF16_DOT && std::is_same_v<X, BF16> && W::pairs;
+  constexpr double value_bytes = sizeof(typename W::T) + 1.0;  // a value and its position
   const double work = double(p.o) * double(p.nnz) * double(p.t);
-  const double bytes = double(p.o) * double(p.nnz) * double(sizeof(typename W::T) + 1);
-  const bool alone = work < kParallelFrom && bytes < kParallelBytesFrom;
+  const bool alone = work < kParallelFrom && double(p.o) * double(p.nnz) * value_bytes < kParallelBytesFrom;
   const int64_t threads = alone ? 1 : std::max<int64_t>(1, pool.num_threads());
   constexpr int64_t kc = 512;  // inputs per transpose item
   const int64_t kchunks = (p.k + kc - 1) / kc;
@@ -1118,12 +1118,12 @@ void run(Problem p, int64_t mode, Pool& pool) {
   // stay in the caches while the units that share them run; walking all tiles of a piece, or all
   // pieces of a tile, would stream one of the two from memory again and again at large T. A group
   // of tiles is transposed right before its units, into the x^T ring (xt_slot).
-  const double piece_bytes = double(gpu * kGroup) * double(p.nnz) * (double(sizeof(typename W::T)) + 1.0);
+  const double piece_bytes = double(gpu * kGroup) * double(p.nnz) * value_bytes;
   const double span_bytes = double(p.k) * kTile * span * (dot ? 2 : 4);
   const int64_t pg = std::clamp<int64_t>(int64_t(kSuperBytes / piece_bytes), 1, pieces);
   const int64_t sg = std::clamp<int64_t>(int64_t(kSuperBytes / span_bytes), 1, spans);
-  const int64_t groups = (spans + sg - 1) / sg;
-  p.ring_tiles = groups > kRing ? sg * span : 0;
+  const int64_t groups = (spans + sg - 1) / sg, group_size = sg * span;  // groups of tiles, tiles per group
+  p.ring_tiles = groups > kRing ? group_size : 0;
   const int64_t slots = p.ring_tiles ? kRing * p.ring_tiles : tiles;
   const CallBuffer buffer(size_t((slots * p.k + (p.inv ? tiles * p.o : 0)) * kTile));  // x^T, then the stage
   p.xt = buffer.data();
@@ -1137,13 +1137,13 @@ void run(Problem p, int64_t mode, Pool& pool) {
   // Per group of tiles: transposes finished, units finished.
   std::unique_ptr<std::atomic<int32_t>[]> ready(new std::atomic<int32_t>[size_t(groups)]());
   std::unique_ptr<std::atomic<int32_t>[]> finished(new std::atomic<int32_t>[size_t(groups)]());
-  auto group_tiles = [&](int64_t g) { return std::min(tiles, (g + 1) * sg * span) - g * sg * span; };
+  auto group_tiles = [&](int64_t g) { return std::min(tiles, (g + 1) * group_size) - g * group_size; };
   auto group_spans = [&](int64_t g) { return std::min(spans, (g + 1) * sg) - g * sg; };
   std::vector<std::pair<int32_t, int32_t>> order;  // (span, piece) of a unit; (tile, -1 - k chunk) of a transpose
   order.reserve(size_t(pieces * spans + tiles * kchunks));
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t s0 = g * sg, s1 = s0 + group_spans(g);
-    for (int64_t t = s0 * span; t < s0 * span + group_tiles(g); ++t)
+    for (int64_t t = g * group_size; t < g * group_size + group_tiles(g); ++t)
       for (int64_t c = 0; c < kchunks; ++c) order.emplace_back(t, -1 - c);
     for (int64_t p0 = 0; p0 < pieces; p0 += pg)
       for (int64_t sp = s0; sp < s1; ++sp)
@@ -1154,7 +1154,7 @@ void run(Problem p, int64_t mode, Pool& pool) {
   parallel_for(pool, threads, int64_t(order.size()), [&](int64_t u) {
     const auto [a, c] = order[size_t(u)];
     if (c < 0) {
-      const int64_t g = a / (sg * span);
+      const int64_t g = a / group_size;
       if (p.ring_tiles && g >= kRing) {
         const int32_t need = int32_t(pieces * group_spans(g - kRing));
         for (int64_t spins = 0; finished[size_t(g - kRing)].load(std::memory_order_acquire) < need;) spin_pause(spins);
