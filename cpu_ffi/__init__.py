@@ -10,7 +10,7 @@ Importing this package never compiles anything.
 
 Example:
     >>> import cpu_ffi
-    >>> packed = cpu_ffi.pack(values, metadata, vector_index, row_perm, m=4)       # doctest: +SKIP
+    >>> packed = cpu_ffi.pack(values, metadata, vector_index, row_perm, m=4, in_features=K)  # doctest: +SKIP
     >>> cpu_ffi.register()                                                         # doctest: +SKIP
     >>> y = cpu_ffi.spmm(x, packed, n=2, m=4, vector_size=64, out_dtype=x.dtype)   # doctest: +SKIP
 """

@@ -2,7 +2,7 @@
 
 Example:
     >>> from cpu_ffi import ffi, packing
-    >>> packed = packing.pack(values, metadata, vector_index, row_perm, m=4)     # doctest: +SKIP
+    >>> packed = packing.pack(values, metadata, vector_index, row_perm, m=4, in_features=K)  # doctest: +SKIP
     >>> y = ffi.spmm(x, packed, n=2, m=4, vector_size=64, out_dtype=x.dtype)     # doctest: +SKIP
 """
 
@@ -105,6 +105,7 @@ def spmm(x, packed: dict, *, n: int, m: int, vector_size: int, out_dtype, bias=N
         x,
         packed["values"],
         packed["positions"],
+        packed["inputs"],
         packed["vector_index"],
         packed["row_perm"],
         jnp.asarray(bias, jnp.float32),

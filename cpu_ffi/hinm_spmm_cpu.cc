@@ -9,10 +9,12 @@
 //   vals  (nb, G, nnz, 16)  the values, 16 packed rows interleaved ("groups": G = ceil(V / 16));
 //                           rows past V in the last group of a block are padding (value 0).
 //   pos   (nb, G, nnz, 16)  uint8 stripe positions, same order.
+//   in    (nb, G, nnz, 16)  uint16 input of each value, vidx[b, (i / n) * m + pos], same order (mode 1);
+//                           empty where K > 65536 (mode 1 then runs as mode 0).
 //   vidx  (nb, K_v)         int32, each block's kept inputs in walk order.
 //   perm  (nb * V,)         int32, packed row -> output channel.
 //
-// bfloat16 values of 2:4 stripes come in the pair layout instead, vals and pos (nb, G, nnz / 2, 32): a
+// bfloat16 values of 2:4 stripes come in the pair layout instead, vals, pos and in (nb, G, nnz / 2, 32): a
 // row's two values of a stripe side by side (one 32-bit word), positions ascending (see Wts below).
 //
 // Two schedules, chosen by the caller per call (attribute `mode`):
@@ -26,13 +28,14 @@
 //     4 tokens, built by shuffles from x transposed once per call into 8-token chunks (windows4).
 //   mode 1 (many tokens): tokens in vector lanes (XNNPACK's SpMM layout). x is transposed into
 //     tiles xt[tile][k][TT] (TT tokens per tile), a group of tiles at a time into a two-group ring
-//     (xt_slot) right before the units that read it; for a block and a tile, the block's kept rows
-//     of xt are copied, a chunk of stripes at a time, into a contiguous L1 panel, then each kept value is
-//     broadcast and multiplies a TT-token row of the panel: one FMA per value per L tokens, R rows
-//     at a time so R*TT/L independent accumulators hide the FMA latency. Where there are two tiles or
-//     more, a float32 unit takes two tiles side by side (panel rows of 2 * TT tokens), so that each
-//     broadcast value and position serves twice the tokens. Units run in super-tiles
-//     (a group of blocks x a group of tiles) so that weights and x tiles both stay cached.
+//     (xt_slot) right before the units that read it; each kept value of a block is broadcast and
+//     multiplies the TT-token row of xt at its input (in: no lookup of pos in vidx), read in place: one
+//     FMA per value per L tokens, R rows at a time so R*TT/L independent accumulators hide the FMA
+//     latency, a chunk of stripes at a time so that the chunk's rows of xt stay in L1 while every row
+//     of the unit walks them. Where there are two tiles or more, a float32 unit takes two tiles side
+//     by side (float32 tiles are stored in pairs, each row of xt 2 * TT tokens), so that each broadcast
+//     value and position serves twice the tokens. Units run in super-tiles (a group of blocks x a
+//     group of tiles) so that weights and x tiles both stay cached.
 //
 // Both schedules accumulate in fp32 and write output channel perm[r] directly; mode 1 stages the
 // outputs of a permuted layout (rows of a block going to non-consecutive channels, as after 2CP) in
@@ -90,8 +93,12 @@ constexpr int kRows = 4;      // packed rows per register tile in mode 1
 // the loop alone but 0-6% slower in whole calls.
 constexpr int kSpan = 2;
 constexpr int kChains = 8;    // independent accumulators in mode 0 (the FMA latency bounds a single chain)
-constexpr int kAhead = 16;    // panel rows prefetched ahead in mode 1
-constexpr int64_t kChunkBytes = 8 << 10;  // panel bytes per chunk of stripes in mode 1
+constexpr int kAhead = 16;    // panel rows prefetched ahead in mode 1 (bfloat16 dot products)
+constexpr int64_t kPanelBytes = 8 << 10;   // panel bytes per chunk of stripes in mode 1 (bfloat16 dot products)
+// Bytes of xt rows per chunk of stripes in mode 1 (float32 multiply-adds). Reading the rows in place
+// with 16 KB chunks, instead of copying 8 KB chunks into a contiguous panel, made one-thread calls
+// 1536x384 / 384x1536 T = 256-2048 5-10% faster (benchmarks/RESULTS.md).
+constexpr int64_t kChunkBytes = 16 << 10;
 constexpr double kSuperBytes = 2 << 20;   // mode 1: weight bytes and x^T bytes of one super-tile
 
 typedef float vf __attribute__((vector_size(4 * L)));
@@ -238,11 +245,13 @@ struct Problem {
   const void* x;
   const void* vals;
   const uint8_t* pos;
+  const uint16_t* in;   // nullptr: none (mode 1 needs it for float32 multiply-adds)
   const int32_t* vidx;
   const int32_t* perm;
   const float* bias;    // nullptr: none
   void* y;
-  float* xt;            // mode 1: transposed tiles, k * kTile floats each (slots, see xt_slot); mode 0: x8 (windows4)
+  float* xt;            // mode 1: transposed tiles, k * kTile floats each (slots, see xt_tile); mode 0: x8 (windows4)
+  int64_t xt_stride;    // mode 1: floats from one row of a tile of xt to the next: kTile, or 2 * kTile (pairs)
   int64_t ring_tiles;   // mode 1: tiles per group of the x^T ring (0: one slot per tile)
   // mode 1 with permuted output rows (row_perm not consecutive inside a block): each unit stores its
   // partial outputs in packed-row order, stage[tile][packed row][kTile], and the unit that completes a
@@ -265,9 +274,16 @@ constexpr int64_t kRing = 2;
 inline int64_t xt_slot(const Problem& p, int64_t tile) {
   return p.ring_tiles ? (tile / p.ring_tiles) % kRing * p.ring_tiles + tile % p.ring_tiles : tile;
 }
+// Row 0 of a tile of xt. With xt_stride = 2 * kTile, slots 2i and 2i + 1 are stored as one pair, row k
+// of the pair holding both tiles' tokens (so a unit of two tiles reads 2 * kTile floats per input).
+inline float* xt_tile(const Problem& p, int64_t tile) {
+  const int64_t s = xt_slot(p, tile);
+  if (p.xt_stride == kTile) return p.xt + s * p.k * kTile;
+  return p.xt + (s >> 1) * 2 * p.k * kTile + (s & 1) * kTile;
+}
 
-// Thread-local scratch that grows and is never shrunk: windows and panels are rebuilt every unit,
-// and a fresh allocation per call would pay page faults larger than the work it holds.
+// Thread-local scratch that grows and is never shrunk: windows, panels and partial sums are rebuilt
+// every unit, and a fresh allocation per call would pay page faults larger than the work it holds.
 // Aligned to a cache line: the panels' vector loads must not straddle two lines.
 inline float* scratch(size_t floats) {
   constexpr size_t kLine = 64 / sizeof(float);
@@ -613,7 +629,8 @@ __attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
 template <class X>
 void transpose_tile(const Problem& p, int64_t tile, int64_t k0, int64_t k1) {
   const auto* x = static_cast<const typename X::T*>(p.x);
-  float* xt = p.xt + xt_slot(p, tile) * p.k * kTile;
+  float* xt = xt_tile(p, tile);
+  const int64_t xs = p.xt_stride;
   int64_t ka = k0;
 #if HINM_LANES == 16
   for (; ka + 16 <= k1; ka += 16) {
@@ -624,45 +641,39 @@ void transpose_tile(const Problem& p, int64_t tile, int64_t k0, int64_t k1) {
         r[i] = t < p.t ? (__m512)X::load(x + t * p.k + ka) : _mm512_setzero_ps();
       }
       transpose16(r);
-      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(xt + (ka + j) * kTile + h, r[j]);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(xt + (ka + j) * xs + h, r[j]);
     }
   }
 #endif
   for (int64_t tt = 0; tt < kTile && ka < k1; ++tt) {
     const int64_t t = tile * kTile + tt;
     const typename X::T* row = x + t * p.k;
-    for (int64_t k = ka; k < k1; ++k) xt[k * kTile + tt] = t < p.t ? X::get(row, k) : 0.0f;
+    for (int64_t k = ka; k < k1; ++k) xt[k * xs + tt] = t < p.t ? X::get(row, k) : 0.0f;
   }
 }
 
-// Stripes per chunk of mode 1: a chunk's panel rows (m * kTile floats a stripe) stay in L1 while
-// every row of the unit walks them.
-inline int64_t chunk_stripes(const Problem& p, int64_t span) {
-  return std::max<int64_t>(1, (kChunkBytes) / (p.m * span * kTile * int64_t(sizeof(float))));
-}
-
-// R packed rows (lanes l0 .. l0+R of group g) x S token tiles side by side (panel rows and partial
-// sums of S * kTile floats), stripes [j0, j1) of the panel (whose row 0 is stripe j0's first input);
-// partial sums in acc (R rows x S * kTile). N, M > 0: the stripe shape known at compile time (2:4,
-// unrolled); 0: p.n, p.m. Always inlined into its unit (GCC stops inlining it on its own once the
+// R packed rows (lanes l0 .. l0+R of group g of block b) x S token tiles side by side, stripes [j0, j1):
+// the S tiles' rows of input k are S * kTile floats at xt + k * xs (xs = S * kTile for two tiles, a
+// pair of xt); partial sums in acc (R rows x S * kTile). N > 0: the values per stripe known at compile
+// time (2, unrolled); 0: p.n. Always inlined into its unit (GCC stops inlining it on its own once the
 // unit's epilogue grows).
-template <class W, int R, int S, int N, int M>
+template <class W, int R, int S, int N>
 __attribute__((always_inline)) inline void rows_tokens_in_lanes(const Problem& p, int64_t b, int64_t g, int l0, int64_t j0, int64_t j1,
-                                 const float* panel, float* acc_mem, bool first) {
+                                                                const float* xt, int64_t xs, float* acc_mem, bool first) {
   constexpr int U = S * kTile / L, PT = S * kTile;
-  const int64_t n = N ? N : p.n, m = M ? M : p.m;
+  const int64_t n = N ? N : p.n, stride = S == 1 ? xs : PT, last = p.k - 1;
   const auto* vals = static_cast<const typename W::T*>(p.vals) + (b * p.groups + g) * p.nnz * kGroup;
-  const uint8_t* pos = p.pos + (b * p.groups + g) * p.nnz * kGroup;
+  const uint16_t* in = p.in + (b * p.groups + g) * p.nnz * kGroup;
   vf acc[R][U];
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < U; ++u) acc[r][u] = first ? vf{} : loadf(acc_mem + r * PT + u * L);
   for (int64_t j = j0; j < j1; ++j) {
-    const float* base = panel + (j - j0) * m * PT;
     for (int64_t q = 0; q < n; ++q) {
       const int64_t i = j * n + q;
       for (int r = 0; r < R; ++r) {
         const vf w = splat(W::get(vals, i, l0 + r));
-        const float* a = base + int64_t(W::pos(pos, i, l0 + r)) * PT;
+        // The packer's indices are below K; a damaged layout must still not read outside xt.
+        const float* a = xt + std::min<int64_t>(in[W::off(i, l0 + r)], last) * stride;
         for (int u = 0; u < U; ++u) acc[r][u] += w * loadf(a + u * L);
       }
     }
@@ -781,47 +792,27 @@ void finish_unit(const Problem& p, int64_t b, int64_t g0, int64_t rows, int64_t 
 }
 
 // Unit of mode 1: groups [g0, g1) of block b, token tiles tile .. tile + S - 1 side by side (S = 1, or
-// kSpan). The block's kept rows of the x tiles are walked in chunks of stripes: a chunk (copied into
-// a contiguous L1 panel, S tiles' rows side by side, unless S = 1 and the block's vector index is the
-// identity) serves every row of the unit before the next one is touched.
+// kSpan: a pair of xt). The block's kept rows of xt are walked in chunks of stripes (about kChunkBytes
+// of rows): a chunk serves every row of the unit before the next one is touched.
 template <class W, class Y, int S>
 void unit_mode1(const Problem& p, int64_t b, int64_t g0, int64_t g1, int64_t tile) {
-  constexpr int64_t PT = S * kTile;  // floats per panel row and per row of partial sums
-  const float* xt = p.xt + xt_slot(p, tile) * p.k * kTile;
+  static_assert(S == 1 || S == kSpan);
+  constexpr int64_t PT = S * kTile;  // floats per row of partial sums
+  const float* xt = xt_tile(p, tile);
   const int64_t rows = std::min<int64_t>(g1 * kGroup, p.v) - g0 * kGroup;
-  const int64_t quads = (rows + kRows - 1) / kRows;
-  const int64_t cs = chunk_stripes(p, S), stripes = p.kv / p.m;
-  const bool copy = S > 1 || !p.direct;
-  float* buf = scratch(size_t(quads * kRows * PT + (copy ? cs * p.m * PT : 0)));
-  float* acc = S == 1 ? unit_acc(p, b, g0, rows, tile, buf) : buf;
-  float* panel = buf + quads * kRows * PT;
-  const int32_t* vi_b = p.vidx + b * p.kv;
+  const int64_t quads = (rows + kRows - 1) / kRows, stripes = p.kv / p.m;
+  const int64_t cs = std::max<int64_t>(1, kChunkBytes / (p.m * PT * int64_t(sizeof(float))));
+  float* acc = S == 1 ? unit_acc(p, b, g0, rows, tile, scratch(size_t(quads * kRows * PT))) : scratch(size_t(quads * kRows * PT));
   for (int64_t j0 = 0; j0 < stripes; j0 += cs) {
     const int64_t j1 = std::min(stripes, j0 + cs);
-    const float* chunk = xt + j0 * p.m * kTile;
-    if (copy) {
-      const int64_t end = j1 * p.m;
-      for (int64_t jj = j0 * p.m; jj < end; ++jj) {
-        const int64_t k = p.direct ? jj : vi_b[jj];
-        if (!p.direct && jj + kAhead < p.kv) {  // scattered rows: the hardware prefetcher cannot guess them
-          for (int s = 0; s < S; ++s) {
-            const char* ahead = reinterpret_cast<const char*>(xt + (s * p.k + int64_t(vi_b[jj + kAhead])) * kTile);
-            for (int c = 0; c < kTile * 4; c += 64) __builtin_prefetch(ahead + c);
-          }
-        }
-        for (int s = 0; s < S; ++s)
-          std::memcpy(panel + (jj - j0 * p.m) * PT + s * kTile, xt + (s * p.k + k) * kTile, kTile * sizeof(float));
-      }
-      chunk = panel;
-    }
     for (int64_t qd = 0; qd < quads; ++qd) {
       const int64_t local = g0 * kGroup + qd * kRows;
-      if (p.n == 2 && p.m == 4) {
-        rows_tokens_in_lanes<W, kRows, S, 2, 4>(p, b, local / kGroup, int(local % kGroup), j0, j1, chunk,
-                                                acc + qd * kRows * PT, j0 == 0);
+      if (p.n == 2) {
+        rows_tokens_in_lanes<W, kRows, S, 2>(p, b, local / kGroup, int(local % kGroup), j0, j1, xt, p.xt_stride,
+                                             acc + qd * kRows * PT, j0 == 0);
       } else {
-        rows_tokens_in_lanes<W, kRows, S, 0, 0>(p, b, local / kGroup, int(local % kGroup), j0, j1, chunk,
-                                                acc + qd * kRows * PT, j0 == 0);
+        rows_tokens_in_lanes<W, kRows, S, 0>(p, b, local / kGroup, int(local % kGroup), j0, j1, xt, p.xt_stride,
+                                             acc + qd * kRows * PT, j0 == 0);
       }
     }
   }
@@ -968,10 +959,10 @@ inline void rows_dot_tokens(const Problem& p, int64_t b, int64_t g, int l0, int6
 
 template <class Y>
 void unit_mode1_dot(const Problem& p, int64_t b, int64_t g0, int64_t g1, int64_t tile) {
-  const uint16_t* xt = reinterpret_cast<const uint16_t*>(p.xt) + xt_slot(p, tile) * p.k * kTile;
+  const uint16_t* xt = reinterpret_cast<const uint16_t*>(p.xt) + xt_slot(p, tile) * p.k * kTile;  // xt_stride = kTile
   const int64_t rows = std::min<int64_t>(g1 * kGroup, p.v) - g0 * kGroup;
   const int64_t quads = (rows + kRows - 1) / kRows;
-  const int64_t cs = std::max<int64_t>(1, kChunkBytes / (kStripeWords * 2)), stripes = p.kv / 4;
+  const int64_t cs = std::max<int64_t>(1, kPanelBytes / (kStripeWords * 2)), stripes = p.kv / 4;
   float* buf = scratch(size_t(quads * kRows * kTile + cs * kStripeWords / 2));
   float* acc = unit_acc(p, b, g0, rows, tile, buf);
   auto* panel = reinterpret_cast<uint16_t*>(buf + quads * kRows * kTile);
@@ -1076,6 +1067,7 @@ void run(Problem p, int64_t mode, Pool& pool) {
   // bfloat16 activations with pair-layout weights take the BF16 dot products where the CPU has them.
   constexpr bool dot = HINM_BF16_DOT && std::is_same_v<X, BF16> && W::pairs;
   constexpr double value_bytes = sizeof(typename W::T) + 1.0;  // a value and its position
+  if (!dot && !p.in) mode = 0;  // no input indices (K > 65536): the float32 units of mode 1 need them
   const double work = double(p.o) * double(p.nnz) * double(p.t);
   const bool alone = work < kParallelFrom && double(p.o) * double(p.nnz) * value_bytes < kParallelBytesFrom;
   const int64_t threads = alone ? 1 : std::max<int64_t>(1, pool.num_threads());
@@ -1118,13 +1110,16 @@ void run(Problem p, int64_t mode, Pool& pool) {
   // stay in the caches while the units that share them run; walking all tiles of a piece, or all
   // pieces of a tile, would stream one of the two from memory again and again at large T. A group
   // of tiles is transposed right before its units, into the x^T ring (xt_slot).
-  const double piece_bytes = double(gpu * kGroup) * double(p.nnz) * value_bytes;
+  // Float32 units read a value and its input index (2 bytes), BF16 dot units a value and its position.
+  const double piece_bytes = double(gpu * kGroup) * double(p.nnz) * (dot ? value_bytes : value_bytes + 1.0);
   const double span_bytes = double(p.k) * kTile * span * (dot ? 2 : 4);
   const int64_t pg = std::clamp<int64_t>(int64_t(kSuperBytes / piece_bytes), 1, pieces);
   const int64_t sg = std::clamp<int64_t>(int64_t(kSuperBytes / span_bytes), 1, spans);
   const int64_t groups = (spans + sg - 1) / sg, group_size = sg * span;  // groups of tiles, tiles per group
   p.ring_tiles = groups > kRing ? group_size : 0;
-  const int64_t slots = p.ring_tiles ? kRing * p.ring_tiles : tiles;
+  // Float32 units of two tiles read both tiles' rows of an input as one row of a pair (xt_tile).
+  p.xt_stride = span == kSpan ? 2 * kTile : kTile;
+  const int64_t slots = (p.ring_tiles ? kRing * p.ring_tiles : tiles + tiles % 2);
   const CallBuffer buffer(size_t((slots * p.k + (p.inv ? tiles * p.o : 0)) * kTile));  // x^T, then the stage
   p.xt = buffer.data();
   std::unique_ptr<std::atomic<int32_t>[]> done;  // staged outputs: units finished per tile
@@ -1187,7 +1182,7 @@ void run(Problem p, int64_t mode, Pool& pool) {
 // ---- the handler -----------------------------------------------------------------------------------
 
 ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi::Buffer<ffi::U8> pos,
-                ffi::Buffer<ffi::S32> vidx, ffi::Buffer<ffi::S32> perm, ffi::Buffer<ffi::F32> bias,
+                ffi::Buffer<ffi::U16> in, ffi::Buffer<ffi::S32> vidx, ffi::Buffer<ffi::S32> perm, ffi::Buffer<ffi::F32> bias,
                 ffi::Result<ffi::AnyBuffer> y, int64_t n, int64_t m,
                 int64_t vector_size, int64_t mode) {
   const auto xd = x.dimensions(), vd = vals.dimensions(), id = vidx.dimensions(), yd = y->dimensions();
@@ -1208,7 +1203,8 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   p.nnz = pairs ? 2 * vd[2] : vd[2];
   if (yd[0] != p.t || vd[0] != p.nb || (vd[3] != kGroup && !pairs) || n < 1 || m < n || m > 255 || p.kv % m ||
       p.nnz != p.kv / m * n || p.groups * kGroup < p.v || (p.groups - 1) * kGroup >= p.v ||
-      pos.element_count() != vals.element_count() || int64_t(perm.element_count()) != p.nb * p.v ||
+      pos.element_count() != vals.element_count() || (in.element_count() != 0 && in.element_count() != pos.element_count()) ||
+      int64_t(perm.element_count()) != p.nb * p.v ||
       p.nb * p.v != p.o || p.kv > p.k)
     return ffi::Error::InvalidArgument("hinm_spmm_cpu: inconsistent shapes");
   if (pairs && (n != 2 || m != 4 || vals.element_type() != ffi::DataType::BF16))
@@ -1219,6 +1215,7 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   p.x = x.untyped_data();
   p.vals = vals.untyped_data();
   p.pos = pos.typed_data();
+  p.in = in.element_count() ? in.typed_data() : nullptr;
   p.vidx = vidx.typed_data();
   p.perm = perm.typed_data();
   p.bias = bias.element_count() ? bias.typed_data() : nullptr;
@@ -1235,6 +1232,7 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   p.tile_done = nullptr;
   p.pieces = 0;
   p.ring_tiles = 0;
+  p.xt_stride = kTile;
   if (p.nb == 1 && p.kv == p.k) {
     p.direct = true;
     for (int64_t j = 0; j < p.kv && p.direct; ++j) p.direct = p.vidx[j] == j;
@@ -1287,6 +1285,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HinmSpmmCpu, hinm_cpu::Spmm,
                                   .Arg<ffi::AnyBuffer>()          // x (T, K)
                                   .Arg<ffi::AnyBuffer>()          // vals (nb, G, nnz, 16) or pairs (nb, G, nnz / 2, 32)
                                   .Arg<ffi::Buffer<ffi::U8>>()    // pos, same shape
+                                  .Arg<ffi::Buffer<ffi::U16>>()   // in, same shape, or (0,)
                                   .Arg<ffi::Buffer<ffi::S32>>()   // vidx (nb, K_v)
                                   .Arg<ffi::Buffer<ffi::S32>>()   // perm (O,)
                                   .Arg<ffi::Buffer<ffi::F32>>()   // bias (O,) or (0,)

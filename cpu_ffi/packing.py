@@ -9,13 +9,17 @@ value, so that 16 rows' ``i``-th values (and positions) are one contiguous vecto
 
 - ``values (nb, G, nnz, 16)``, ``G = ceil(V / 16)``; rows past ``V`` are zero padding;
 - ``positions (nb, G, nnz, 16)`` uint8, the stripe position of each value;
+- ``inputs (nb, G, nnz, 16)`` uint16, the input (column of ``x``) of each value:
+  ``vector_index[b, stripe * m + position]``, so that the tokens schedule reads its activations
+  without looking the position up in ``vector_index`` (one load less per value). Empty ``(0,)``
+  when ``K > 65536`` (the index would not fit uint16): the kernel then runs the rows schedule;
 - ``vector_index (nb, K_v)`` and ``row_perm (O,)`` int32, unchanged.
 
 The **pair layout** (``pairs=True``: bfloat16 values of 2:4 stripes) keeps each row's two values of a
 stripe next to each other, as one 32-bit word, the operand of the AVX-512 BF16 dot instruction:
 ``values`` and ``positions`` are ``(nb, G, nnz / 2, 32)``, element ``(j, 2 r + q)`` being row ``r``'s
-``q``-th value of stripe ``j``, the two positions ascending. The kernel tells the layouts apart by
-the last axis (16 or 32).
+``q``-th value of stripe ``j``, the two positions ascending; ``inputs`` follows ``positions``. The
+kernel tells the layouts apart by the last axis (16 or 32).
 
 Works on numpy arrays and on jax arrays (also traced, under ``jit``). This package must not
 import ``hinm_jax``, so it unpacks the metadata itself; a test checks that it agrees with
@@ -26,9 +30,9 @@ Example:
     >>> from cpu_ffi import packing
     >>> values = np.arange(8, dtype=np.float32).reshape(2, 4)        # O=2 rows, 2:4 on K=8
     >>> metadata = np.array([[0b11_00_10_00], [0b11_01_01_00]], np.uint32)
-    >>> p = packing.pack(values, metadata, np.arange(8, dtype=np.int32)[None], np.arange(2, dtype=np.int32), m=4)
-    >>> p["values"].shape, p["positions"][0, 0, :, 1].tolist()
-    ((1, 1, 4, 16), [0, 1, 1, 3])
+    >>> p = packing.pack(values, metadata, np.arange(8, dtype=np.int32)[None], np.arange(2, dtype=np.int32), m=4, in_features=8)
+    >>> p["values"].shape, p["positions"][0, 0, :, 1].tolist(), p["inputs"][0, 0, :, 1].tolist()
+    ((1, 1, 4, 16), [0, 1, 1, 3], [0, 1, 5, 7])
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["GROUP", "positions", "pack", "groups", "use_pairs"]
+__all__ = ["GROUP", "MAX_INPUTS", "positions", "pack", "groups", "use_pairs"]
 
 GROUP = 16  # rows interleaved per group (the kernel's fixed layout)
+MAX_INPUTS = 1 << 16  # inputs (K) up to which the layout has its per-value input index (uint16)
 
 
 def _xp(*arrays):
@@ -67,7 +72,7 @@ def use_pairs(dtype, n: int, m: int) -> bool:
     return np.dtype(dtype) == np.dtype(jnp.bfloat16) and n == 2 and m == 4
 
 
-def pack(values, metadata, vector_index, row_perm, *, m: int, pairs: bool = False) -> dict:
+def pack(values, metadata, vector_index, row_perm, *, m: int, in_features: int, pairs: bool = False) -> dict:
     """The kernel layout of one matrix (see the module docstring).
 
     Args:
@@ -76,11 +81,13 @@ def pack(values, metadata, vector_index, row_perm, *, m: int, pairs: bool = Fals
       vector_index: ``(nb, K_v)`` int32.
       row_perm: ``(O,)`` int32.
       m: stripe length (at most 255: positions are stored in a byte).
+      in_features: the matrix's inputs ``K`` (the per-value input index is stored up to
+        :data:`MAX_INPUTS`).
       pairs: the pair layout (bfloat16 values, 2 kept of every 4; see :func:`use_pairs`).
 
     Returns:
-      ``{"values", "positions", "vector_index", "row_perm"}``, numpy arrays for numpy
-      inputs, jax arrays otherwise.
+      ``{"values", "positions", "inputs", "vector_index", "row_perm"}``, numpy arrays for
+      numpy inputs, jax arrays otherwise.
     """
     if m > 255:
         raise ValueError(f"m={m}: stripe positions must fit a byte (m <= 255)")
@@ -117,6 +124,21 @@ def pack(values, metadata, vector_index, row_perm, *, m: int, pairs: bool = Fals
     return {
         "values": packed_values,
         "positions": packed_positions,
+        "inputs": _inputs(packed_positions, vector_index, m, in_features, pairs),
         "vector_index": vector_index.astype(xp.int32),
         "row_perm": row_perm.astype(xp.int32),
     }
+
+
+def _inputs(packed_positions, vector_index, m: int, in_features: int, pairs: bool):
+    """``inputs`` (see the module docstring) from the packed positions: the stripe of entry ``i`` of
+    axis 2 is ``i`` (pairs) or ``i // n``."""
+    xp = _xp(packed_positions, vector_index)
+    if in_features > MAX_INPUTS:
+        return xp.zeros((0,), xp.uint16)
+    nb, g, count, _ = packed_positions.shape
+    stripes = vector_index.shape[1] // m
+    stripe = xp.arange(count) // (1 if pairs or not stripes else count // stripes)
+    at = stripe[None, None, :, None] * m + packed_positions.astype(xp.int32)  # (nb, G, count, lanes)
+    rows = xp.take_along_axis(vector_index.astype(xp.int32), at.reshape(nb, -1), axis=1)
+    return rows.reshape(packed_positions.shape).astype(xp.uint16)

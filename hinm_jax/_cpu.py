@@ -38,6 +38,7 @@ __all__ = ["NAME", "is_available", "supports", "pack", "matmul"]
 NAME = "cpu"
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _MAX_M = 255  # stripe positions are stored in a byte
+_LAYOUT = frozenset({"values", "positions", "inputs", "vector_index", "row_perm"})  # cpu_ffi.packing.pack's keys
 
 
 @functools.cache
@@ -61,8 +62,8 @@ def supports(w: SparseWeight) -> str | None:
     return None
 
 
-def _pack_matrix(m: int, pairs: bool, values, metadata, vector_index, row_perm) -> dict:
-    return cpu_packing.pack(values, metadata, vector_index, row_perm, m=m, pairs=pairs)
+def _pack_matrix(m: int, k: int, pairs: bool, values, metadata, vector_index, row_perm) -> dict:
+    return cpu_packing.pack(values, metadata, vector_index, row_perm, m=m, in_features=k, pairs=pairs)
 
 
 def pack(w: SparseWeight) -> dict | None:
@@ -78,7 +79,7 @@ def pack(w: SparseWeight) -> dict | None:
     if supports(_backend.one_matrix(w)) is not None:
         return None
     pairs = cpu_packing.use_pairs(w.dtype, w.n, w.m)  # bfloat16 2:4: the layout of the BF16 dot path
-    packed = _backend.per_matrix(functools.partial(_pack_matrix, w.m, pairs), w)
+    packed = _backend.per_matrix(functools.partial(_pack_matrix, w.m, w.matrix_shape[0], pairs), w)
     return {key: jnp.asarray(v) for key, v in packed.items()}
 
 
@@ -100,8 +101,9 @@ _matmul = _backend.with_reference_vjp(_kernel)
 def matmul(x, w: SparseWeight, bias=None):
     """``x @ w.densify() (+ bias)`` for ``x`` ``(T, K)`` with the C++ kernel.
 
-    Uses ``w.packed`` when it was packed for this backend (:func:`hinm_jax.pack_for`),
-    otherwise packs in-graph (every call: pack once for speed). Accumulates in float32; the
+    Uses ``w.packed`` when it was packed for this backend (:func:`hinm_jax.pack_for`) in the
+    current layout, otherwise packs in-graph (every call: pack once for speed; a checkpoint's
+    weights packed in an older layout, without ``inputs``, are packed again this way). Accumulates in float32; the
     bias (``(O,)``) is added in float32 before the one rounding to the output dtype
     (``x``'s promoted with ``w``'s). Differentiable (the backward pass is the reference's).
 
@@ -120,6 +122,7 @@ def matmul(x, w: SparseWeight, bias=None):
             raise ValueError(f"bias: shape={tuple(bias.shape)} but w: shape={w.shape} pattern {w.pattern} has O={o} outputs")
     if x.shape[0] == 0:
         return jnp.zeros((0, o), jnp.result_type(x.dtype, w.dtype))
-    packed = w.packed if (w.packed_for == NAME and w.packed is not None) else pack(w)
+    current = w.packed_for == NAME and w.packed is not None and _LAYOUT <= set(w.packed)
+    packed = w.packed if current else pack(w)
     plain = dataclasses.replace(w, packed=None, packed_for=None)
     return _matmul(x, plain, packed, bias)

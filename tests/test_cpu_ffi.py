@@ -134,6 +134,62 @@ def test_bf16_2_4_packs_value_pairs_with_ascending_positions(pattern):
             np.testing.assert_array_equal(np.asarray(traced[key]), np.asarray(p[key]))
 
 
+@pytest.mark.parametrize("pattern, dtype", [(HiNM(24, 0.5, 2, 4), F32), (HiNM(8, 0.25, 1, 3), F32), (NM(3, 8), BF16),
+                                            (HiNM(48, 0.5, 2, 4), BF16), (NM(2, 4), BF16)])
+def test_inputs_name_the_column_of_every_value(pattern, dtype):
+    """``inputs`` (the tokens schedule's index of x's column per value, pairs layout included) read
+    against the dense matrix: W[inputs, row_perm[row]] is the packed value."""
+    rng = np.random.default_rng(6)
+    sw = _weight(rng, 96, 48, pattern, dtype)
+    p = _cpu.pack(sw)
+    assert p["inputs"].dtype == jnp.uint16 and p["inputs"].shape == p["positions"].shape
+    nb = sw.vector_index.shape[0]
+    v = 48 // nb
+    lanes = p["values"].shape[-1]
+    rows = np.arange(p["values"].shape[1] * 16).reshape(-1, 16)  # packed row of each lane, per group
+    if lanes == 32:
+        rows = rows.repeat(2, axis=1)  # pairs: lane 2 r + q is row r
+    row = np.broadcast_to(rows[None, :, None, :], p["values"].shape)
+    block = np.broadcast_to(np.arange(nb)[:, None, None, None], p["values"].shape)
+    real = row < v
+    channel = np.asarray(sw.row_perm)[block[real] * v + row[real]]
+    dense = np.asarray(sw.densify().astype(jnp.float32))
+    np.testing.assert_array_equal(dense[np.asarray(p["inputs"])[real].astype(np.int64), channel],
+                                  np.asarray(p["values"], np.float32)[real])
+
+
+@pytest.mark.parametrize("mode", cpu_ffi.MODES)
+def test_layers_of_more_than_65536_inputs_run_without_input_indices(mode):
+    """K > 65536: ``inputs`` would not fit uint16, so the packer leaves it empty and the kernel runs
+    the rows schedule, also when asked for the tokens schedule."""
+    rng = np.random.default_rng(7)
+    k = packing.MAX_INPUTS + 8
+    sw = _weight(rng, k, 16, NM(2, 4), F32)
+    p = _cpu.pack(sw)
+    assert p["inputs"].shape == (0,)
+    x = jnp.asarray(rng.normal(size=(40, k)), jnp.float32)
+    y = cpu_ffi.spmm(x, p, n=2, m=4, vector_size=16, out_dtype=F32, mode=mode)
+    assert _rel_err(y, _oracle(x, sw)) <= 1e-5
+
+
+def test_a_damaged_input_index_stays_inside_x():
+    """Indices past K (a damaged layout) are clamped to the last input: the product stays finite."""
+    sw = _weight(np.random.default_rng(8), 64, 32, HiNM(16, 0.5, 2, 4), F32)
+    packed = dict(_cpu.pack(sw))
+    packed["inputs"] = jnp.full_like(packed["inputs"], 65535)
+    y = cpu_ffi.spmm(jnp.ones((256, 64)), packed, n=2, m=4, vector_size=16, out_dtype=F32, mode="tokens")
+    assert np.isfinite(np.asarray(y)).all()
+
+
+def test_weights_packed_in_the_older_layout_are_packed_again():
+    """A checkpoint's weight packed before ``inputs`` existed still multiplies correctly."""
+    rng = np.random.default_rng(9)
+    sw = hinm_jax.pack_for(_weight(rng, 128, 64, HiNM(32, 0.5), F32), "cpu")
+    old = dataclasses.replace(sw, packed={key: a for key, a in sw.packed.items() if key != "inputs"})
+    x = jnp.asarray(rng.normal(size=(64, 128)), jnp.float32)
+    assert _rel_err(hinm_jax.sparse_matmul(x, old, implementation="cpu"), _oracle(x, sw)) <= 1e-5
+
+
 @pytest.mark.parametrize("t", [1, 3, 5, 8, 9, 33, 70])
 @pytest.mark.parametrize("mode", cpu_ffi.MODES)
 @pytest.mark.parametrize("xdt", [BF16, F32])
