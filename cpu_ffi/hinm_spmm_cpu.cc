@@ -254,7 +254,7 @@ struct Problem {
   int64_t xt_stride;    // mode 1: floats from one row of a tile of xt to the next: kTile, or 2 * kTile (pairs)
   int64_t ring_tiles;   // mode 1: tiles per group of the x^T ring (0: one slot per tile)
   // mode 1 with permuted output rows (row_perm not consecutive inside a block): each unit stores its
-  // partial outputs in packed-row order, stage[tile][packed row][kTile], and the unit that completes a
+  // partial outputs in packed-row order, stage[tile][packed row][kTile] (see stage_tile), and the unit that completes a
   // tile writes it to y, 16 channels x 16 tokens at a time (see permute_out). nullptr: direct writes.
   float* stage;
   const int32_t* inv;             // output channel -> packed row (the inverse of perm); set: staged
@@ -726,21 +726,29 @@ inline void put16(const Problem& p, int64_t t0, int64_t cnt, int64_t c0, const f
 }
 #endif
 
+// Row 0 of a tile of the stage (packed row r's kTile partial sums at + r * xt_stride): tiles stored in
+// pairs like xt's when xt_stride = 2 * kTile, so that units of two tiles accumulate in place.
+inline float* stage_tile(const Problem& p, int64_t tile) {
+  if (p.xt_stride == kTile) return p.stage + tile * p.o * kTile;
+  return p.stage + (tile >> 1) * 2 * p.o * kTile + (tile & 1) * kTile;
+}
+
 // Writes tile `tile` of the stage to y: y[t0 + tt, c] = stage[tile][inv[c]][lane of tt] (+ bias), 16
 // channels at a time with AVX-512 (put16).
 template <class Y, bool Dot>
 __attribute__((noinline)) void permute_out(const Problem& p, int64_t tile) {
-  const float* st = p.stage + tile * p.o * kTile;
+  const float* st = stage_tile(p, tile);
+  const int64_t ss = p.xt_stride;
   const int64_t t0 = tile * kTile, cnt = std::min<int64_t>(kTile, p.t - t0);
   int64_t c0 = 0;
 #if HINM_LANES == 16
   for (; c0 + 16 <= p.o; c0 += 16)
     put16<Y, Dot>(p, t0, cnt, c0, p.bias ? p.bias + c0 : nullptr,
-                  [&](int i) { return st + int64_t(p.inv[c0 + i]) * kTile; });
+                  [&](int i) { return st + int64_t(p.inv[c0 + i]) * ss; });
 #endif
   auto* y = static_cast<typename Y::T*>(p.y);
   for (int64_t c = c0; c < p.o; ++c) {
-    const float* row = st + int64_t(p.inv[c]) * kTile;
+    const float* row = st + int64_t(p.inv[c]) * ss;
     const float b = p.bias ? p.bias[c] : 0.0f;
     for (int64_t lane = 0; lane < kTile; ++lane) {
       const int64_t tt = lane_token<Dot>(lane);
@@ -749,11 +757,11 @@ __attribute__((noinline)) void permute_out(const Problem& p, int64_t tile) {
   }
 }
 
-// Where a unit of mode 1 keeps its partial sums (rows x kTile): its rows of the stage when the outputs
-// are staged (the stage holds exactly the unit's rows when they fill whole register tiles), otherwise
-// the scratch buffer.
-inline float* unit_acc(const Problem& p, int64_t b, int64_t g0, int64_t rows, int64_t tile, float* scratch_acc) {
-  if (p.stage && rows % kRows == 0) return p.stage + (tile * p.o + b * p.v + g0 * kGroup) * kTile;
+// Where a unit of mode 1 keeps its partial sums (rows `stride` floats apart): its rows of the stage when
+// the outputs are staged (the stage holds exactly the unit's rows when they fill whole register tiles
+// and its rows are as far apart), otherwise the scratch buffer.
+inline float* unit_acc(const Problem& p, int64_t b, int64_t g0, int64_t rows, int64_t tile, int64_t stride, float* scratch_acc) {
+  if (p.stage && rows % kRows == 0 && stride == p.xt_stride) return stage_tile(p, tile) + (b * p.v + g0 * kGroup) * stride;
   return scratch_acc;
 }
 
@@ -763,9 +771,10 @@ inline float* unit_acc(const Problem& p, int64_t b, int64_t g0, int64_t rows, in
 template <class Y, bool Dot>
 __attribute__((noinline)) void stage_unit(const Problem& p, int64_t b, int64_t g0, int64_t rows, int64_t tile, const float* acc,
                                           int64_t stride) {
-  float* st = p.stage + (tile * p.o + b * p.v + g0 * kGroup) * kTile;
+  const int64_t ss = p.xt_stride;
+  float* st = stage_tile(p, tile) + (b * p.v + g0 * kGroup) * ss;
   if (st != acc)
-    for (int64_t r = 0; r < rows; ++r) std::memcpy(st + r * kTile, acc + r * stride, kTile * sizeof(float));
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(st + r * ss, acc + r * stride, kTile * sizeof(float));
   if (p.tile_done[tile].fetch_add(1, std::memory_order_acq_rel) + 1 == p.pieces) permute_out<Y, Dot>(p, tile);
 }
 
@@ -784,8 +793,10 @@ void finish_unit(const Problem& p, int64_t b, int64_t g0, int64_t rows, int64_t 
       put16<Y, Dot>(p, t0, cnt, c0 + r0, p.bias ? p.bias + c0 + r0 : nullptr,
                     [&](int i) { return acc + (r0 + i) * stride; });
 #endif
-    put_tokens<Y>(p, c0 + r0, rows - r0, t0, cnt,
-                  [&](int64_t r, int64_t tt) { return acc[(r0 + r) * stride + (Dot ? dot_lane(tt) : tt)]; });
+    // (Skipped when put16 wrote every row: the empty loop over the tokens cost 2-3% of MiniLM-L6's time.)
+    if (r0 < rows)
+      put_tokens<Y>(p, c0 + r0, rows - r0, t0, cnt,
+                    [&](int64_t r, int64_t tt) { return acc[(r0 + r) * stride + (Dot ? dot_lane(tt) : tt)]; });
     return;
   }
   stage_unit<Y, Dot>(p, b, g0, rows, tile, acc, stride);
@@ -802,7 +813,7 @@ void unit_mode1(const Problem& p, int64_t b, int64_t g0, int64_t g1, int64_t til
   const int64_t rows = std::min<int64_t>(g1 * kGroup, p.v) - g0 * kGroup;
   const int64_t quads = (rows + kRows - 1) / kRows, stripes = p.kv / p.m;
   const int64_t cs = std::max<int64_t>(1, kChunkBytes / (p.m * PT * int64_t(sizeof(float))));
-  float* acc = S == 1 ? unit_acc(p, b, g0, rows, tile, scratch(size_t(quads * kRows * PT))) : scratch(size_t(quads * kRows * PT));
+  float* acc = unit_acc(p, b, g0, rows, tile, PT, scratch(size_t(quads * kRows * PT)));
   for (int64_t j0 = 0; j0 < stripes; j0 += cs) {
     const int64_t j1 = std::min(stripes, j0 + cs);
     for (int64_t qd = 0; qd < quads; ++qd) {
@@ -964,7 +975,7 @@ void unit_mode1_dot(const Problem& p, int64_t b, int64_t g0, int64_t g1, int64_t
   const int64_t quads = (rows + kRows - 1) / kRows;
   const int64_t cs = std::max<int64_t>(1, kPanelBytes / (kStripeWords * 2)), stripes = p.kv / 4;
   float* buf = scratch(size_t(quads * kRows * kTile + cs * kStripeWords / 2));
-  float* acc = unit_acc(p, b, g0, rows, tile, buf);
+  float* acc = unit_acc(p, b, g0, rows, tile, kTile, buf);
   auto* panel = reinterpret_cast<uint16_t*>(buf + quads * kRows * kTile);
   const int32_t* vi_b = p.vidx + b * p.kv;
   for (int64_t j0 = 0; j0 < stripes; j0 += cs) {
@@ -1120,7 +1131,7 @@ void run(Problem p, int64_t mode, Pool& pool) {
   // Float32 units of two tiles read both tiles' rows of an input as one row of a pair (xt_tile).
   p.xt_stride = span == kSpan ? 2 * kTile : kTile;
   const int64_t slots = (p.ring_tiles ? kRing * p.ring_tiles : tiles + tiles % 2);
-  const CallBuffer buffer(size_t((slots * p.k + (p.inv ? tiles * p.o : 0)) * kTile));  // x^T, then the stage
+  const CallBuffer buffer(size_t((slots * p.k + (p.inv ? (tiles + tiles % 2) * p.o : 0)) * kTile));  // x^T, then the stage
   p.xt = buffer.data();
   std::unique_ptr<std::atomic<int32_t>[]> done;  // staged outputs: units finished per tile
   if (p.inv) {
