@@ -254,8 +254,9 @@ struct Problem {
   int64_t xt_stride;    // mode 1: floats from one row of a tile of xt to the next: kTile, or 2 * kTile (pairs)
   int64_t ring_tiles;   // mode 1: tiles per group of the x^T ring (0: one slot per tile)
   // mode 1 with permuted output rows (row_perm not consecutive inside a block): each unit stores its
-  // partial outputs in packed-row order, stage[tile][packed row][kTile] (see stage_tile), and the unit that completes a
-  // tile writes it to y, 16 channels x 16 tokens at a time (see permute_out). nullptr: direct writes.
+  // partial outputs in packed-row order, stage[tile][packed row][kTile] (see stage_tile), and the unit
+  // that completes a tile writes it to y, 16 channels x 16 tokens at a time (see permute_out).
+  // nullptr: direct writes.
   float* stage;
   const int32_t* inv;             // output channel -> packed row (the inverse of perm); set: staged
   std::atomic<int32_t>* tile_done;  // units finished per tile, with stage
@@ -274,13 +275,14 @@ constexpr int64_t kRing = 2;
 inline int64_t xt_slot(const Problem& p, int64_t tile) {
   return p.ring_tiles ? (tile / p.ring_tiles) % kRing * p.ring_tiles + tile % p.ring_tiles : tile;
 }
-// Row 0 of a tile of xt. With xt_stride = 2 * kTile, slots 2i and 2i + 1 are stored as one pair, row k
-// of the pair holding both tiles' tokens (so a unit of two tiles reads 2 * kTile floats per input).
-inline float* xt_tile(const Problem& p, int64_t tile) {
-  const int64_t s = xt_slot(p, tile);
-  if (p.xt_stride == kTile) return p.xt + s * p.k * kTile;
-  return p.xt + (s >> 1) * 2 * p.k * kTile + (s & 1) * kTile;
+// Row 0 of tile i of an array of tiles of `rows` rows of kTile floats, rows `stride` floats apart: with
+// stride = 2 * kTile, tiles 2j and 2j + 1 are stored as one pair, row r of the pair holding both tiles'
+// tokens (so that a unit of two tiles reads or accumulates 2 * kTile floats per row).
+inline float* tile_rows(float* base, int64_t i, int64_t rows, int64_t stride) {
+  const int64_t per = stride / kTile;  // tiles side by side: 1 or 2
+  return base + (i / per) * rows * stride + (i % per) * kTile;
 }
+inline float* xt_tile(const Problem& p, int64_t tile) { return tile_rows(p.xt, xt_slot(p, tile), p.k, p.xt_stride); }
 
 // Thread-local scratch that grows and is never shrunk: windows, panels and partial sums are rebuilt
 // every unit, and a fresh allocation per call would pay page faults larger than the work it holds.
@@ -653,8 +655,8 @@ void transpose_tile(const Problem& p, int64_t tile, int64_t k0, int64_t k1) {
 }
 
 // R packed rows (lanes l0 .. l0+R of group g of block b) x S token tiles side by side, stripes [j0, j1):
-// the S tiles' rows of input k are S * kTile floats at xt + k * xs (xs = S * kTile for two tiles, a
-// pair of xt); partial sums in acc (R rows x S * kTile). N > 0: the values per stripe known at compile
+// the S tiles' rows of input k are S * kTile floats at xt + k * xs (two tiles: a pair of xt, xs = 2 *
+// kTile); partial sums in acc (R rows x S * kTile). N > 0: the values per stripe known at compile
 // time (2, unrolled); 0: p.n. Always inlined into its unit (GCC stops inlining it on its own once the
 // unit's epilogue grows).
 template <class W, int R, int S, int N>
@@ -727,11 +729,8 @@ inline void put16(const Problem& p, int64_t t0, int64_t cnt, int64_t c0, const f
 #endif
 
 // Row 0 of a tile of the stage (packed row r's kTile partial sums at + r * xt_stride): tiles stored in
-// pairs like xt's when xt_stride = 2 * kTile, so that units of two tiles accumulate in place.
-inline float* stage_tile(const Problem& p, int64_t tile) {
-  if (p.xt_stride == kTile) return p.stage + tile * p.o * kTile;
-  return p.stage + (tile >> 1) * 2 * p.o * kTile + (tile & 1) * kTile;
-}
+// pairs like xt's, so that units of two tiles accumulate in place.
+inline float* stage_tile(const Problem& p, int64_t tile) { return tile_rows(p.stage, tile, p.o, p.xt_stride); }
 
 // Writes tile `tile` of the stage to y: y[t0 + tt, c] = stage[tile][inv[c]][lane of tt] (+ bias), 16
 // channels at a time with AVX-512 (put16).
@@ -1130,8 +1129,9 @@ void run(Problem p, int64_t mode, Pool& pool) {
   p.ring_tiles = groups > kRing ? group_size : 0;
   // Float32 units of two tiles read both tiles' rows of an input as one row of a pair (xt_tile).
   p.xt_stride = span == kSpan ? 2 * kTile : kTile;
-  const int64_t slots = (p.ring_tiles ? kRing * p.ring_tiles : tiles + tiles % 2);
-  const CallBuffer buffer(size_t((slots * p.k + (p.inv ? (tiles + tiles % 2) * p.o : 0)) * kTile));  // x^T, then the stage
+  const int64_t whole = tiles + tiles % 2;  // tiles, a whole number of pairs
+  const int64_t slots = p.ring_tiles ? kRing * p.ring_tiles : whole;
+  const CallBuffer buffer(size_t((slots * p.k + (p.inv ? whole * p.o : 0)) * kTile));  // x^T, then the stage
   p.xt = buffer.data();
   std::unique_ptr<std::atomic<int32_t>[]> done;  // staged outputs: units finished per tile
   if (p.inv) {
@@ -1193,7 +1193,8 @@ void run(Problem p, int64_t mode, Pool& pool) {
 // ---- the handler -----------------------------------------------------------------------------------
 
 ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi::Buffer<ffi::U8> pos,
-                ffi::Buffer<ffi::U16> in, ffi::Buffer<ffi::S32> vidx, ffi::Buffer<ffi::S32> perm, ffi::Buffer<ffi::F32> bias,
+                ffi::Buffer<ffi::U16> in, ffi::Buffer<ffi::S32> vidx, ffi::Buffer<ffi::S32> perm,
+                ffi::Buffer<ffi::F32> bias,
                 ffi::Result<ffi::AnyBuffer> y, int64_t n, int64_t m,
                 int64_t vector_size, int64_t mode) {
   const auto xd = x.dimensions(), vd = vals.dimensions(), id = vidx.dimensions(), yd = y->dimensions();
@@ -1214,9 +1215,9 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   p.nnz = pairs ? 2 * vd[2] : vd[2];
   if (yd[0] != p.t || vd[0] != p.nb || (vd[3] != kGroup && !pairs) || n < 1 || m < n || m > 255 || p.kv % m ||
       p.nnz != p.kv / m * n || p.groups * kGroup < p.v || (p.groups - 1) * kGroup >= p.v ||
-      pos.element_count() != vals.element_count() || (in.element_count() != 0 && in.element_count() != pos.element_count()) ||
-      int64_t(perm.element_count()) != p.nb * p.v ||
-      p.nb * p.v != p.o || p.kv > p.k)
+      pos.element_count() != vals.element_count() ||
+      (in.element_count() != 0 && in.element_count() != pos.element_count()) ||
+      int64_t(perm.element_count()) != p.nb * p.v || p.nb * p.v != p.o || p.kv > p.k)
     return ffi::Error::InvalidArgument("hinm_spmm_cpu: inconsistent shapes");
   if (pairs && (n != 2 || m != 4 || vals.element_type() != ffi::DataType::BF16))
     return ffi::Error::InvalidArgument("hinm_spmm_cpu: the pair layout holds bfloat16 values of 2:4 stripes");
