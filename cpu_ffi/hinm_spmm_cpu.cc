@@ -34,7 +34,7 @@
 //     latency, a chunk of stripes at a time so that the chunk's rows of xt stay in L1 while every row
 //     of the unit walks them. Where there are two tiles or more, a float32 unit takes two tiles side
 //     by side (float32 tiles are stored in pairs, each row of xt 2 * TT tokens), so that each broadcast
-//     value and position serves twice the tokens. Units run in super-tiles (a group of blocks x a
+//     value and input index serves twice the tokens. Units run in super-tiles (a group of blocks x a
 //     group of tiles) so that weights and x tiles both stay cached.
 //
 // Both schedules accumulate in fp32 and write output channel perm[r] directly; mode 1 stages the
@@ -655,15 +655,15 @@ void transpose_tile(const Problem& p, int64_t tile, int64_t k0, int64_t k1) {
 }
 
 // R packed rows (lanes l0 .. l0+R of group g of block b) x S token tiles side by side, stripes [j0, j1):
-// the S tiles' rows of input k are S * kTile floats at xt + k * xs (two tiles: a pair of xt, xs = 2 *
-// kTile); partial sums in acc (R rows x S * kTile). N > 0: the values per stripe known at compile
+// the S tiles' rows of input k are S * kTile floats at xt + k * p.xt_stride (two tiles: a pair of xt,
+// xt_stride = 2 * kTile); partial sums in acc (R rows x S * kTile). N > 0: the values per stripe known at compile
 // time (2, unrolled); 0: p.n. Always inlined into its unit (GCC stops inlining it on its own once the
 // unit's epilogue grows).
 template <class W, int R, int S, int N>
 __attribute__((always_inline)) inline void rows_tokens_in_lanes(const Problem& p, int64_t b, int64_t g, int l0, int64_t j0, int64_t j1,
-                                                                const float* xt, int64_t xs, float* acc_mem, bool first) {
+                                                                const float* xt, float* acc_mem, bool first) {
   constexpr int U = S * kTile / L, PT = S * kTile;
-  const int64_t n = N ? N : p.n, stride = S == 1 ? xs : PT, last = p.k - 1;
+  const int64_t n = N ? N : p.n, stride = S == 1 ? p.xt_stride : PT, last = p.k - 1;
   const auto* vals = static_cast<const typename W::T*>(p.vals) + (b * p.groups + g) * p.nnz * kGroup;
   const uint16_t* in = p.in + (b * p.groups + g) * p.nnz * kGroup;
   vf acc[R][U];
@@ -818,10 +818,10 @@ void unit_mode1(const Problem& p, int64_t b, int64_t g0, int64_t g1, int64_t til
     for (int64_t qd = 0; qd < quads; ++qd) {
       const int64_t local = g0 * kGroup + qd * kRows;
       if (p.n == 2) {
-        rows_tokens_in_lanes<W, kRows, S, 2>(p, b, local / kGroup, int(local % kGroup), j0, j1, xt, p.xt_stride,
+        rows_tokens_in_lanes<W, kRows, S, 2>(p, b, local / kGroup, int(local % kGroup), j0, j1, xt,
                                              acc + qd * kRows * PT, j0 == 0);
       } else {
-        rows_tokens_in_lanes<W, kRows, S, 0>(p, b, local / kGroup, int(local % kGroup), j0, j1, xt, p.xt_stride,
+        rows_tokens_in_lanes<W, kRows, S, 0>(p, b, local / kGroup, int(local % kGroup), j0, j1, xt,
                                              acc + qd * kRows * PT, j0 == 0);
       }
     }
@@ -1077,6 +1077,7 @@ void run(Problem p, int64_t mode, Pool& pool) {
   // bfloat16 activations with pair-layout weights take the BF16 dot products where the CPU has them.
   constexpr bool dot = HINM_BF16_DOT && std::is_same_v<X, BF16> && W::pairs;
   constexpr double value_bytes = sizeof(typename W::T) + 1.0;  // a value and its position
+  constexpr double indexed_bytes = sizeof(typename W::T) + sizeof(uint16_t);  // a value and its input index
   if (!dot && !p.in) mode = 0;  // no input indices (K > 65536): the float32 units of mode 1 need them
   const double work = double(p.o) * double(p.nnz) * double(p.t);
   const bool alone = work < kParallelFrom && double(p.o) * double(p.nnz) * value_bytes < kParallelBytesFrom;
@@ -1120,8 +1121,8 @@ void run(Problem p, int64_t mode, Pool& pool) {
   // stay in the caches while the units that share them run; walking all tiles of a piece, or all
   // pieces of a tile, would stream one of the two from memory again and again at large T. A group
   // of tiles is transposed right before its units, into the x^T ring (xt_slot).
-  // Float32 units read a value and its input index (2 bytes), BF16 dot units a value and its position.
-  const double piece_bytes = double(gpu * kGroup) * double(p.nnz) * (dot ? value_bytes : value_bytes + 1.0);
+  // Float32 units read a value and its input index, BF16 dot units a value and its position.
+  const double piece_bytes = double(gpu * kGroup) * double(p.nnz) * (dot ? value_bytes : indexed_bytes);
   const double span_bytes = double(p.k) * kTile * span * (dot ? 2 : 4);
   const int64_t pg = std::clamp<int64_t>(int64_t(kSuperBytes / piece_bytes), 1, pieces);
   const int64_t sg = std::clamp<int64_t>(int64_t(kSuperBytes / span_bytes), 1, spans);

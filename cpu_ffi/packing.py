@@ -40,10 +40,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["GROUP", "MAX_INPUTS", "positions", "pack", "groups", "use_pairs"]
+__all__ = ["GROUP", "MAX_INPUTS", "KEYS", "positions", "pack", "groups", "use_pairs"]
 
 GROUP = 16  # rows interleaved per group (the kernel's fixed layout)
 MAX_INPUTS = 1 << 16  # inputs (K) up to which the layout has its per-value input index (uint16)
+KEYS = ("values", "positions", "inputs", "vector_index", "row_perm")  # the arrays of the layout, as pack returns them
 
 
 def _xp(*arrays):
@@ -86,8 +87,7 @@ def pack(values, metadata, vector_index, row_perm, *, m: int, in_features: int, 
       pairs: the pair layout (bfloat16 values, 2 kept of every 4; see :func:`use_pairs`).
 
     Returns:
-      ``{"values", "positions", "inputs", "vector_index", "row_perm"}``, numpy arrays for
-      numpy inputs, jax arrays otherwise.
+      The arrays named by :data:`KEYS`, numpy arrays for numpy inputs, jax arrays otherwise.
     """
     if m > 255:
         raise ValueError(f"m={m}: stripe positions must fit a byte (m <= 255)")
@@ -121,13 +121,9 @@ def pack(values, metadata, vector_index, row_perm, *, m: int, in_features: int, 
             return a.reshape(nb, g, GROUP, nnz).transpose(0, 1, 3, 2)
 
         packed_values, packed_positions = interleave(values), interleave(pos)
-    return {
-        "values": packed_values,
-        "positions": packed_positions,
-        "inputs": _inputs(packed_positions, vector_index, m, in_features, pairs),
-        "vector_index": vector_index.astype(xp.int32),
-        "row_perm": row_perm.astype(xp.int32),
-    }
+    inputs = _inputs(packed_positions, vector_index, m, in_features, pairs)
+    arrays = (packed_values, packed_positions, inputs, vector_index.astype(xp.int32), row_perm.astype(xp.int32))
+    return dict(zip(KEYS, arrays))
 
 
 def _inputs(packed_positions, vector_index, m: int, in_features: int, pairs: bool):

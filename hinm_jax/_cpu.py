@@ -38,7 +38,6 @@ __all__ = ["NAME", "is_available", "supports", "pack", "matmul"]
 NAME = "cpu"
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _MAX_M = 255  # stripe positions are stored in a byte
-_LAYOUT = frozenset({"values", "positions", "inputs", "vector_index", "row_perm"})  # cpu_ffi.packing.pack's keys
 
 
 @functools.cache
@@ -122,7 +121,7 @@ def matmul(x, w: SparseWeight, bias=None):
             raise ValueError(f"bias: shape={tuple(bias.shape)} but w: shape={w.shape} pattern {w.pattern} has O={o} outputs")
     if x.shape[0] == 0:
         return jnp.zeros((0, o), jnp.result_type(x.dtype, w.dtype))
-    current = w.packed_for == NAME and w.packed is not None and _LAYOUT <= set(w.packed)
+    current = w.packed_for == NAME and w.packed is not None and set(cpu_packing.KEYS) <= set(w.packed)
     packed = w.packed if current else pack(w)
     plain = dataclasses.replace(w, packed=None, packed_for=None)
     return _matmul(x, plain, packed, bias)
