@@ -1200,6 +1200,25 @@ void run(Problem p, int64_t mode, Pool& pool) {
 
 // ---- the handler -----------------------------------------------------------------------------------
 
+// The handler's checks of the index arrays, run on every call, in functions of their own so that they
+// vectorize: inside Spmm they compiled to scalar loops through the stack, 12% of the CPU time of
+// back-to-back 384x1536 calls at T = 1 (perf; 5% now).
+
+// The largest of a[0..n) as unsigned (a negative entry is above any bound).
+__attribute__((noinline)) int64_t largest(const int32_t* a, int64_t n) {
+  uint32_t hi = 0;
+  for (int64_t i = 0; i < n; ++i) hi = std::max(hi, uint32_t(a[i]));
+  return int64_t(hi);
+}
+
+// Whether each block's v rows go to consecutive channels.
+__attribute__((noinline)) bool consecutive_blocks(const int32_t* perm, int64_t nb, int64_t v) {
+  bool same = true;
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t r = 1; r < v; ++r) same &= perm[b * v + r] == perm[b * v] + int32_t(r);
+  return same;
+}
+
 ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi::Buffer<ffi::U8> pos,
                 ffi::Buffer<ffi::U16> in, ffi::Buffer<ffi::S32> vidx, ffi::Buffer<ffi::S32> perm,
                 ffi::Buffer<ffi::F32> bias,
@@ -1241,9 +1260,7 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   p.bias = bias.element_count() ? bias.typed_data() : nullptr;
   p.y = y->untyped_data();
   // Mode 1 stages the outputs when a block's rows go to non-consecutive channels (see finish_unit).
-  bool consecutive = true;
-  for (int64_t b = 0; b < p.nb && consecutive; ++b)
-    for (int64_t r = 1; r < p.v && consecutive; ++r) consecutive = p.perm[b * p.v + r] == p.perm[b * p.v] + r;
+  const bool consecutive = consecutive_blocks(p.perm, p.nb, p.v);
   const bool staged = mode == 1 && !consecutive;
   p.direct = false;
   p.stream = p.t * p.o * int64_t(sizeof(float)) >= kStreamFrom;  // used by float32 outputs only
@@ -1257,16 +1274,20 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
     p.direct = true;
     for (int64_t j = 0; j < p.kv && p.direct; ++j) p.direct = p.vidx[j] == j;
   }
-  // Indices are the packer's and were validated there; a damaged layout must still not read outside x.
-  for (int64_t j = 0; j < p.nb * p.kv; ++j)
-    if (p.vidx[j] < 0 || p.vidx[j] >= p.k) return ffi::Error::InvalidArgument("hinm_spmm_cpu: vector index out of range");
+  // Indices are the packer's and were validated there; a damaged layout must still not read or write
+  // outside x and y.
+  if (p.nb * p.kv && largest(p.vidx, p.nb * p.kv) >= p.k)
+    return ffi::Error::InvalidArgument("hinm_spmm_cpu: vector index out of range");
+  if (p.o && largest(p.perm, p.o) >= p.o) return ffi::Error::InvalidArgument("hinm_spmm_cpu: row permutation out of range");
   // Every channel comes from exactly one packed row (permute_out reads inv[c] for each).
   std::vector<int32_t> inv(size_t(p.o), -1);
+  int32_t repeats = 0;
   for (int64_t r = 0; r < p.o; ++r) {
-    if (p.perm[r] < 0 || p.perm[r] >= p.o) return ffi::Error::InvalidArgument("hinm_spmm_cpu: row permutation out of range");
-    if (inv[size_t(p.perm[r])] >= 0) return ffi::Error::InvalidArgument("hinm_spmm_cpu: row permutation repeats a channel");
-    inv[size_t(p.perm[r])] = int32_t(r);
+    int32_t& slot = inv[size_t(p.perm[r])];
+    repeats |= ~slot;  // nonzero once a slot is written twice (slots start at -1)
+    slot = int32_t(r);
   }
+  if (repeats) return ffi::Error::InvalidArgument("hinm_spmm_cpu: row permutation repeats a channel");
   if (p.t == 0) return ffi::Error::Success();
   if (staged) p.inv = inv.data();
 

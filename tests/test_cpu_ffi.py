@@ -384,6 +384,24 @@ def test_a_row_permutation_that_repeats_a_channel_is_rejected(mode):
         jax.block_until_ready(cpu_ffi.spmm(jnp.ones((40, 64)), packed, n=2, m=4, vector_size=16, out_dtype=F32, mode=mode))
 
 
+@pytest.mark.parametrize("mode", cpu_ffi.MODES)
+@pytest.mark.parametrize(
+    "key, at, value, message",
+    [
+        ("vector_index", (1, 5), 64, "vector index out of range"),
+        ("vector_index", (0, 0), -1, "vector index out of range"),
+        ("row_perm", (7,), 32, "row permutation out of range"),
+        ("row_perm", (31,), -3, "row permutation out of range"),
+    ],
+)
+def test_indices_outside_x_or_y_are_rejected(mode, key, at, value, message):
+    sw = _weight(np.random.default_rng(13), 64, 32, HiNM(16, 0.5, 2, 4), F32)
+    packed = dict(_cpu.pack(sw))
+    packed[key] = packed[key].at[at].set(value)
+    with pytest.raises(Exception, match=message):
+        jax.block_until_ready(cpu_ffi.spmm(jnp.ones((40, 64)), packed, n=2, m=4, vector_size=16, out_dtype=F32, mode=mode))
+
+
 def test_jit_leading_dims_and_gradient_in_x():
     rng = np.random.default_rng(3)
     sw = hinm_jax.pack_for(_weight(rng, 128, 64, HiNM(32, 0.5), F32), "cpu")
