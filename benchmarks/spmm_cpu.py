@@ -13,8 +13,11 @@ its gathered activations would exceed ``--xla-max-mb``), and the ratios dense / 
 (> 1: sparse is faster). All of a cell's functions run interleaved, round-robin, so a
 machine busy with other work slows them alike; each turn is one call, which finds the caches
 as the other functions left them, as a layer of a model finds them (``--burst S`` times bursts
-of back-to-back calls instead: warm caches). The instruction set of the built kernel and the
-load average are printed before and after.
+of back-to-back calls instead: warm caches). Each cell takes the median of 15 turns: on the
+2-core development machine single calls of either side are bimodal (in 60 alternating calls
+of 1536x384 at T = 256, the 90th percentile took 1.6-1.9x the median, dense and sparse alike),
+and 7 turns let a few cells of each grid land on the slow mode. The instruction set of the
+built kernel and the load average are printed before and after.
 
 For each HiNM cell it also prints the two limits of a kernel that skips the pruned
 weights: ``fma`` = dense multiply-adds / sparse multiply-adds (1 / density) and ``bytes``
@@ -208,7 +211,7 @@ def minilm(args) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=15, help="turns per cell (medians)")
     ap.add_argument(
         "--burst", type=float, default=0.0, help="seconds of back-to-back calls per timed turn (default 0: one call, caches as the other functions left them)"
     )
@@ -226,7 +229,7 @@ def main():
     ap.add_argument("--permute-seconds", type=float, default=0.5, help="2CP search time per MiniLM matrix")
     ap.add_argument("--sentences", type=int, default=256)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--minilm-repeats", type=int, default=5)
+    ap.add_argument("--minilm-repeats", type=int, default=9)
     ap.add_argument(
         "--minilm-dtype", default="float32", choices=["float32", "bfloat16"],
         help="MiniLM's parameters and compute dtype (bfloat16 also times the float32 dense model)",
