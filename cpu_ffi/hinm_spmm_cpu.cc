@@ -1211,7 +1211,7 @@ __attribute__((noinline)) int64_t largest(const int32_t* a, int64_t n) {
   return int64_t(hi);
 }
 
-// Whether each block's v rows go to consecutive channels.
+// Whether each block's v rows go to consecutive channels (perm's entries checked to be below O first).
 __attribute__((noinline)) bool consecutive_blocks(const int32_t* perm, int64_t nb, int64_t v) {
   bool same = true;
   for (int64_t b = 0; b < nb; ++b)
@@ -1259,9 +1259,6 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   p.perm = perm.typed_data();
   p.bias = bias.element_count() ? bias.typed_data() : nullptr;
   p.y = y->untyped_data();
-  // Mode 1 stages the outputs when a block's rows go to non-consecutive channels (see finish_unit).
-  const bool consecutive = consecutive_blocks(p.perm, p.nb, p.v);
-  const bool staged = mode == 1 && !consecutive;
   p.direct = false;
   p.stream = p.t * p.o * int64_t(sizeof(float)) >= kStreamFrom;  // used by float32 outputs only
   p.stage = nullptr;
@@ -1288,6 +1285,8 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
     slot = int32_t(r);
   }
   if (repeats) return ffi::Error::InvalidArgument("hinm_spmm_cpu: row permutation repeats a channel");
+  // Mode 1 stages the outputs when a block's rows go to non-consecutive channels (see finish_unit).
+  const bool staged = mode == 1 && !consecutive_blocks(p.perm, p.nb, p.v);
   if (p.t == 0) return ffi::Error::Success();
   if (staged) p.inv = inv.data();
 
