@@ -373,7 +373,9 @@ def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, se
         ema_step = jax.jit(lambda a, p_: jax.tree.map(lambda x, y: x + (1.0 - ema) * (y - x), a, p_))
     bar = tqdm(total=max_steps, desc=f"fine-tune {label}", unit="step")
     for i in itertools.count():
-        done = max((time.perf_counter() - t0) / seconds, i / (max_steps or np.inf))
+        # the budget's fraction spent (capped: the first step runs even when a tiny time limit
+        # is spent before it, and the schedule's step count must stay in int32)
+        done = min(1.0, max((time.perf_counter() - t0) / seconds, i / (max_steps or np.inf)))
         if i and done >= 1.0:
             break
         b = rng.choice(len(buckets), p=share / share.sum())
