@@ -376,15 +376,6 @@ def test_tokens_schedule_writes_every_channel_of_any_row_permutation(layout, dty
 
 
 @pytest.mark.parametrize("mode", cpu_ffi.MODES)
-def test_a_row_permutation_that_repeats_a_channel_is_rejected(mode):
-    sw = _weight(np.random.default_rng(12), 64, 32, HiNM(16, 0.5, 2, 4), F32)
-    packed = dict(_cpu.pack(sw))
-    packed["row_perm"] = packed["row_perm"].at[1].set(packed["row_perm"][0])
-    with pytest.raises(Exception, match="repeats a channel"):
-        jax.block_until_ready(cpu_ffi.spmm(jnp.ones((40, 64)), packed, n=2, m=4, vector_size=16, out_dtype=F32, mode=mode))
-
-
-@pytest.mark.parametrize("mode", cpu_ffi.MODES)
 @pytest.mark.parametrize(
     "key, at, value, message",
     [
@@ -392,11 +383,14 @@ def test_a_row_permutation_that_repeats_a_channel_is_rejected(mode):
         ("vector_index", (0, 0), -1, "vector index out of range"),
         ("row_perm", (7,), 32, "row permutation out of range"),
         ("row_perm", (31,), -3, "row permutation out of range"),
+        ("row_perm", (1,), "row_perm[0]", "repeats a channel"),
     ],
 )
-def test_indices_outside_x_or_y_are_rejected(mode, key, at, value, message):
-    sw = _weight(np.random.default_rng(13), 64, 32, HiNM(16, 0.5, 2, 4), F32)
+def test_damaged_indices_are_rejected(mode, key, at, value, message):
+    """Indices outside x or y, and a permutation that repeats a channel, in both schedules."""
+    sw = _weight(np.random.default_rng(12), 64, 32, HiNM(16, 0.5, 2, 4), F32)
     packed = dict(_cpu.pack(sw))
+    value = packed["row_perm"][0] if value == "row_perm[0]" else value
     packed[key] = packed[key].at[at].set(value)
     with pytest.raises(Exception, match=message):
         jax.block_until_ready(cpu_ffi.spmm(jnp.ones((40, 64)), packed, n=2, m=4, vector_size=16, out_dtype=F32, mode=mode))
