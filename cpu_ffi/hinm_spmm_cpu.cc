@@ -84,13 +84,20 @@ constexpr int L = HINM_LANES;
 
 constexpr int kGroup = 16;  // packed rows interleaved in the layout (fixed: the packer's layout)
 constexpr int kSub = kGroup / L;
-constexpr int kTile = 2 * L;  // tokens per tile in mode 1
-constexpr int kRows = 4;      // packed rows per register tile in mode 1
+// Mode 1's register tile: kRows packed rows x 2 * kTile tokens (two tiles side by side, kSpan), that
+// is kRows * 2 * kTile / L accumulators. AVX-512 (32 registers): 4 rows x 4 vectors. AVX2 has 16
+// registers: 4 rows x 4 vectors (16 tokens a tile) spilled; 1 row x 8 vectors (32 tokens a tile) has
+// 8 accumulators and the fewest loads per multiply-add (8 x-row loads, a broadcast weight and its input
+// index per 8 FMAs): on a 2-core Zen 3, calls 384x1536 / 1536x384 T = 64-2048 ran 1.04-1.24x faster
+// than with 2 rows x 4 vectors, 1.1-1.9x faster than with the spilling tile, and MiniLM-L6 end to end
+// 1.05x (benchmarks/RESULTS.md).
+constexpr int kTile = L == 8 ? 4 * L : 2 * L;  // tokens per tile in mode 1
+constexpr int kRows = L == 8 ? 1 : 4;          // packed rows per register tile in mode 1
 // Token tiles side by side in one unit of mode 1 (float32 multiply-adds, two tiles or more): each
 // broadcast weight and position then serves 2 * kTile tokens (4 vectors with AVX-512). On one Zen 4
 // core this raised the multiply-add loop alone from 1.6 to 2.2-2.4 zmm FMA/ns; whole calls gain less
-// (benchmarks/RESULTS.md). Register tiles stay kRows rows (x 4 vectors): 2 or 1 rows ran faster in
-// the loop alone but 0-6% slower in whole calls.
+// (benchmarks/RESULTS.md). With AVX-512, register tiles stay kRows rows (x 4 vectors): 2 or 1 rows ran
+// faster in the loop alone but 0-6% slower in whole calls.
 constexpr int kSpan = 2;
 constexpr int kChains = 8;    // independent accumulators in mode 0 (the FMA latency bounds a single chain)
 constexpr int kAhead = 16;    // panel rows prefetched ahead in mode 1 (bfloat16 dot products)
@@ -339,7 +346,7 @@ inline void put_row(const Problem& p, int64_t row, int64_t t0, int64_t cnt, cons
 
 // Writes a unit's outputs token by token: y[t0 + tt, c0 + r] = at(r, tt) + bias for r < rows, tt <
 // cnt: rows whose channels are consecutive from c0 (permuted layouts are staged instead, see
-// finish_unit), in float32 stored as vectors. With AVX-512 only the rows past the last 16 come here
+// finish_unit), in float32 stored as vectors. With AVX-512 or AVX2 only the rows past the last 16 come here
 // (put16 writes 16 at a time).
 template <class Y, class At>
 inline void put_tokens(const Problem& p, int64_t c0, int64_t rows, int64_t t0, int64_t cnt, const At& at) {
@@ -470,6 +477,25 @@ void group_scalar(const Problem& p, int64_t b, int64_t g, int64_t t0, int64_t cn
   }
 }
 
+#if HINM_LANES >= 8
+// In-register transpose of an 8 x 8 block of 32-bit elements: r[i] (row i) becomes column i.
+__attribute__((always_inline)) inline void transpose8(__m256 r[8]) {
+  const __m256 a0 = _mm256_unpacklo_ps(r[0], r[1]), a1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 a2 = _mm256_unpacklo_ps(r[2], r[3]), a3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 a4 = _mm256_unpacklo_ps(r[4], r[5]), a5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 a6 = _mm256_unpacklo_ps(r[6], r[7]), a7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 b0 = _mm256_shuffle_ps(a0, a2, 0x44), b1 = _mm256_shuffle_ps(a0, a2, 0xEE);
+  const __m256 b2 = _mm256_shuffle_ps(a1, a3, 0x44), b3 = _mm256_shuffle_ps(a1, a3, 0xEE);
+  const __m256 b4 = _mm256_shuffle_ps(a4, a6, 0x44), b5 = _mm256_shuffle_ps(a4, a6, 0xEE);
+  const __m256 b6 = _mm256_shuffle_ps(a5, a7, 0x44), b7 = _mm256_shuffle_ps(a5, a7, 0xEE);
+  // b_i: column i of rows 0-3 | column 4 + i of rows 0-3, likewise b_{4+i} for rows 4-7
+  r[0] = _mm256_permute2f128_ps(b0, b4, 0x20), r[1] = _mm256_permute2f128_ps(b1, b5, 0x20);
+  r[2] = _mm256_permute2f128_ps(b2, b6, 0x20), r[3] = _mm256_permute2f128_ps(b3, b7, 0x20);
+  r[4] = _mm256_permute2f128_ps(b0, b4, 0x31), r[5] = _mm256_permute2f128_ps(b1, b5, 0x31);
+  r[6] = _mm256_permute2f128_ps(b2, b6, 0x31), r[7] = _mm256_permute2f128_ps(b3, b7, 0x31);
+}
+#endif
+
 #if HINM_LANES == 16
 // Mode 0 with 4-input stripes and AVX-512, from three tokens on: one window vector holds a stripe's
 // four inputs for four tokens (lane tt * 4 + q), so that the windows are built with shuffles from x8
@@ -496,20 +522,8 @@ void transpose_x8(const Problem& p, int64_t c8, int64_t k0, int64_t k1, float* x
     for (; k + 8 <= k1; k += 8) {
       __m256 r[8];
       for (int i = 0; i < 8; ++i) r[i] = i < rows ? _mm256_loadu_ps(x + (c8 * 8 + i) * p.k + k) : _mm256_setzero_ps();
-      const __m256 a0 = _mm256_unpacklo_ps(r[0], r[1]), a1 = _mm256_unpackhi_ps(r[0], r[1]);
-      const __m256 a2 = _mm256_unpacklo_ps(r[2], r[3]), a3 = _mm256_unpackhi_ps(r[2], r[3]);
-      const __m256 a4 = _mm256_unpacklo_ps(r[4], r[5]), a5 = _mm256_unpackhi_ps(r[4], r[5]);
-      const __m256 a6 = _mm256_unpacklo_ps(r[6], r[7]), a7 = _mm256_unpackhi_ps(r[6], r[7]);
-      const __m256 b0 = _mm256_shuffle_ps(a0, a2, 0x44), b1 = _mm256_shuffle_ps(a0, a2, 0xEE);
-      const __m256 b2 = _mm256_shuffle_ps(a1, a3, 0x44), b3 = _mm256_shuffle_ps(a1, a3, 0xEE);
-      const __m256 b4 = _mm256_shuffle_ps(a4, a6, 0x44), b5 = _mm256_shuffle_ps(a4, a6, 0xEE);
-      const __m256 b6 = _mm256_shuffle_ps(a5, a7, 0x44), b7 = _mm256_shuffle_ps(a5, a7, 0xEE);
-      // b_i: input k + i (tokens 0-3) | input k + 4 + i (tokens 0-3), likewise b_{4+i} for tokens 4-7
-      const __m256 c[8] = {_mm256_permute2f128_ps(b0, b4, 0x20), _mm256_permute2f128_ps(b1, b5, 0x20),
-                           _mm256_permute2f128_ps(b2, b6, 0x20), _mm256_permute2f128_ps(b3, b7, 0x20),
-                           _mm256_permute2f128_ps(b0, b4, 0x31), _mm256_permute2f128_ps(b1, b5, 0x31),
-                           _mm256_permute2f128_ps(b2, b6, 0x31), _mm256_permute2f128_ps(b3, b7, 0x31)};
-      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + (k + i) * 8, c[i]);
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + (k + i) * 8, r[i]);
     }
   }
   for (int tt = 0; tt < 8; ++tt) {
@@ -627,7 +641,7 @@ __attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
 #endif
 
 // xt[tile][k][kTile] = x[tile * kTile + tt, k] for k in [k0, k1), zero past the last token. With AVX-512,
-// 16 tokens x 16 inputs at a time through registers; the inputs past the last multiple of 16 one by one.
+// 16 tokens x 16 inputs at a time through registers (AVX2: 8 x 8); the inputs past the last multiple one by one.
 template <class X>
 void transpose_tile(const Problem& p, int64_t tile, int64_t k0, int64_t k1) {
   const auto* x = static_cast<const typename X::T*>(p.x);
@@ -648,6 +662,20 @@ void transpose_tile(const Problem& p, int64_t tile, int64_t k0, int64_t k1) {
       }
       transpose16(r);
       for (int j = 0; j < 16; ++j) _mm512_storeu_ps(xt + (ka + j) * xs + h, r[j]);
+    }
+  }
+  ka = kend;
+#elif HINM_LANES == 8
+  const int64_t kend = k0 + (k1 - k0) / 8 * 8;  // the same walk, 8 tokens x 8 inputs at a time
+  for (int64_t h = 0; h < kTile; h += 8) {
+    for (ka = k0; ka < kend; ka += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) {
+        const int64_t t = tile * kTile + h + i;
+        r[i] = t < p.t ? (__m256)X::load(x + t * p.k + ka) : _mm256_setzero_ps();
+      }
+      transpose8(r);
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(xt + (ka + j) * xs + h, r[j]);
     }
   }
   ka = kend;
@@ -731,6 +759,43 @@ inline void put16(const Problem& p, int64_t t0, int64_t cnt, int64_t c0, const f
     }
   }
 }
+#elif HINM_LANES == 8
+// With AVX2: 8 tokens at a time, channels c0 .. c0+7 and c0+8 .. c0+15 as two 8 x 8 transposes, so
+// that each token's 16 outputs are two adjacent vector stores (one cache line when aligned).
+template <class Y, bool Dot, class Row>
+inline void put16(const Problem& p, int64_t t0, int64_t cnt, int64_t c0, const float* bias, const Row& row) {
+  static_assert(!Dot, "the BF16 dot schedule is AVX-512 only");
+  auto* y = static_cast<typename Y::T*>(p.y);
+  const __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+  const __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+  for (int h = 0; h < kTile / 8; ++h) {
+    __m256 lo[8], hi[8];
+    for (int i = 0; i < 8; ++i) lo[i] = _mm256_loadu_ps(row(i) + h * 8);
+    for (int i = 0; i < 8; ++i) hi[i] = _mm256_loadu_ps(row(8 + i) + h * 8);
+    transpose8(lo);  // lo[j]: token h * 8 + j of channels c0 .. c0+7
+    transpose8(hi);
+    for (int j = 0; j < 8; ++j) {
+      const int64_t tt = h * 8 + j;
+      if (tt >= cnt) break;
+      const __m256 v0 = _mm256_add_ps(lo[j], b0), v1 = _mm256_add_ps(hi[j], b1);
+      if constexpr (std::is_same_v<Y, F32>) {
+        float* dst = y + (t0 + tt) * p.o + c0;
+        if (p.stream && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
+          _mm256_stream_ps(dst, v0);
+          _mm256_stream_ps(dst + 8, v1);
+        } else {
+          _mm256_storeu_ps(dst, v0);
+          _mm256_storeu_ps(dst + 8, v1);
+        }
+      } else {
+        alignas(32) float buf[16];
+        _mm256_store_ps(buf, v0);
+        _mm256_store_ps(buf + 8, v1);
+        for (int i = 0; i < 16; ++i) Y::put(y, (t0 + tt) * p.o + c0 + i, buf[i]);
+      }
+    }
+  }
+}
 #endif
 
 // Row 0 of a tile of the stage (packed row r's kTile partial sums at + r * xt_stride): tiles stored in
@@ -738,14 +803,14 @@ inline void put16(const Problem& p, int64_t t0, int64_t cnt, int64_t c0, const f
 inline float* stage_tile(const Problem& p, int64_t tile) { return tile_rows(p.stage, tile, p.o, p.xt_stride); }
 
 // Writes tile `tile` of the stage to y: y[t0 + tt, c] = stage[tile][inv[c]][lane of tt] (+ bias), 16
-// channels at a time with AVX-512 (put16).
+// channels at a time with AVX-512 or AVX2 (put16).
 template <class Y, bool Dot>
 __attribute__((noinline)) void permute_out(const Problem& p, int64_t tile) {
   const float* st = stage_tile(p, tile);
   const int64_t ss = p.xt_stride;
   const int64_t t0 = tile * kTile, cnt = std::min<int64_t>(kTile, p.t - t0);
   int64_t c0 = 0;
-#if HINM_LANES == 16
+#if HINM_LANES >= 8
   for (; c0 + 16 <= p.o; c0 += 16)
     put16<Y, Dot>(p, t0, cnt, c0, p.bias ? p.bias + c0 : nullptr,
                   [&](int i) { return st + int64_t(p.inv[c0 + i]) * ss; });
@@ -792,7 +857,7 @@ void finish_unit(const Problem& p, int64_t b, int64_t g0, int64_t rows, int64_t 
   if (!p.stage) {
     const int64_t t0 = tile * kTile, cnt = std::min<int64_t>(kTile, p.t - t0), c0 = p.perm[b * p.v + g0 * kGroup];
     int64_t r0 = 0;
-#if HINM_LANES == 16
+#if HINM_LANES >= 8
     for (; r0 + 16 <= rows; r0 += 16)
       put16<Y, Dot>(p, t0, cnt, c0 + r0, p.bias ? p.bias + c0 + r0 : nullptr,
                     [&](int i) { return acc + (r0 + i) * stride; });
@@ -1024,7 +1089,7 @@ inline void spin_pause(int64_t& spins) {
 
 // Orders this thread's streaming (non-temporal) stores before what follows (put16, Problem::stream).
 inline void fence_streams() {
-#if HINM_LANES == 16
+#if HINM_LANES >= 8
   _mm_sfence();
 #endif
 }
