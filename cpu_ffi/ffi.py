@@ -28,9 +28,9 @@ MODES = ("rows", "tokens")  # mode 0: packed rows in vector lanes; mode 1: token
 # products in both schedules).
 TOKENS_MODE_FROM = 32
 TOKENS_MODE_FROM_BF16 = 16
-# AVX2 builds (8 lanes, no four-token windows, no BF16 dot products; 32-token tiles): on a 2-core Zen 3
-# the tokens schedule was as fast at T = 12 and 1.2-1.4x faster at T = 16 for HiNM layers of either
-# dtype (2:4 layers, whose rows schedule gathers nothing, broke even at about T = 20).
+# AVX2 builds (8 lanes, no BF16 dot products; 32-token tiles): on a 2-core Zen 3 the two schedules broke
+# even at T = 16 (HiNM and 2:4 layers, float32 and bfloat16) and the tokens schedule was 1.2-1.6x
+# faster from T = 20-24.
 TOKENS_MODE_FROM_AVX2 = 16
 
 

@@ -24,8 +24,8 @@
 //     and every lane (packed row) picks its own with a variable permute (vpermps), then one FMA with
 //     the 16 rows' values. Values and positions are read once per call: at T = 1 the kernel reads
 //     only the compressed weight (bandwidth bound, like a dense GEMV on a quarter of the bytes).
-//     With m = 4 and AVX-512, from three tokens on, one window vector holds a stripe's 4 inputs for
-//     4 tokens, built by shuffles from x transposed once per call into 8-token chunks (windows4).
+//     With m = 4 (AVX-512 or AVX2), from three tokens on, one window vector holds a stripe's 4 inputs
+//     for L / 4 tokens, built by shuffles from x transposed once per call into 8-token chunks (windows4).
 //   mode 1 (many tokens): tokens in vector lanes (XNNPACK's SpMM layout). x is transposed into
 //     tiles xt[tile][k][TT] (TT tokens per tile), a group of tiles at a time into a two-group ring
 //     (xt_slot) right before the units that read it; each kept value of a block is broadcast and
@@ -496,18 +496,19 @@ __attribute__((always_inline)) inline void transpose8(__m256 r[8]) {
 }
 #endif
 
-#if HINM_LANES == 16
-// Mode 0 with 4-input stripes and AVX-512, from three tokens on: one window vector holds a stripe's
-// four inputs for four tokens (lane tt * 4 + q), so that the windows are built with shuffles from x8
-// (below) instead of one scalar gather per token and input. Those gathers took a third of a call at
-// T = 8 with V = 32 (benchmarks/RESULTS.md); a lane's index is then its position plus 4 * tt.
-constexpr int64_t kWindows4From = 3;  // tokens of a chunk from which windows4 pays
+#if HINM_LANES >= 8
+// Mode 0 with 4-input stripes (AVX-512 or AVX2), from three tokens on: one window vector holds a
+// stripe's four inputs for L / 4 tokens (lane tt * 4 + q), so that the windows are built with shuffles
+// from x8 (below) instead of one scalar gather per token and input. Those gathers took a third of a
+// call at T = 8 with V = 32 (benchmarks/RESULTS.md); a lane's index is then its position plus 4 * tt.
+constexpr int64_t kWindows4From = L == 16 ? 3 : 4;  // tokens of a chunk from which windows4 pays
+constexpr int64_t kX8 = 8;            // tokens per chunk of x8
 inline bool windows4(const Problem& p, int64_t cnt) { return p.m == 4 && cnt >= kWindows4From; }
 
-// Chunks of kTokens0 (8) tokens that windows4 reads from x8: every full one, the last one only when it
-// has kWindows4From tokens or more.
+// Chunks of kX8 tokens that windows4 reads from x8: every full one, the last one only when it has
+// kWindows4From tokens or more.
 inline int64_t windows4_chunks(const Problem& p) {
-  return p.m == 4 ? (p.t + kTokens0 - kWindows4From) / kTokens0 : 0;
+  return p.m == 4 ? (p.t + kX8 - kWindows4From) / kX8 : 0;
 }
 
 // x8[(c8 * K + k) * 8 + tt] = x[c8 * 8 + tt, k] (zeros past T), inputs k0 .. k1: each chunk of 8
@@ -532,8 +533,8 @@ void transpose_x8(const Problem& p, int64_t c8, int64_t k0, int64_t k1, float* x
   }
 }
 
-// w4[j * 32 + h * 16 + tt * 4 + q] = x[t0 + 4h + tt, vidx[b, 4j + q]]: stripe j's inputs for tokens
-// 0-3 (h = 0) and 4-7 (h = 1) of the chunk, a 4 x 8 transpose of four x8 rows per stripe.
+// w4[j * 32 + tt * 4 + q] = x[t0 + tt, vidx[b, 4j + q]]: stripe j's inputs for the chunk's tokens
+// tt = 0..7, a 4 x 8 transpose of four x8 rows per stripe.
 inline void build_windows4(const Problem& p, int64_t b, const float* x8c, float* w4) {
   const int32_t* vi = p.vidx + b * p.kv;
   for (int64_t j = 0; j < p.kv / 4; ++j) {
@@ -544,38 +545,51 @@ inline void build_windows4(const Problem& p, int64_t b, const float* x8c, float*
     // u_k: token k (inputs q = 0..3) in the low 128 bits, token k + 4 in the high ones
     const __m256 u0 = _mm256_shuffle_ps(a, d, 0x44), u1 = _mm256_shuffle_ps(a, d, 0xEE);
     const __m256 u2 = _mm256_shuffle_ps(c, e, 0x44), u3 = _mm256_shuffle_ps(c, e, 0xEE);
+#if HINM_LANES == 16
     const __m512 lo = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_permute2f128_ps(u0, u1, 0x20)),
                                          _mm256_permute2f128_ps(u2, u3, 0x20), 1);
     const __m512 hi = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_permute2f128_ps(u0, u1, 0x31)),
                                          _mm256_permute2f128_ps(u2, u3, 0x31), 1);
     _mm512_storeu_ps(w4 + j * 32, lo);
     _mm512_storeu_ps(w4 + j * 32 + 16, hi);
+#else
+    _mm256_storeu_ps(w4 + j * 32, _mm256_permute2f128_ps(u0, u1, 0x20));       // tokens 0, 1
+    _mm256_storeu_ps(w4 + j * 32 + 8, _mm256_permute2f128_ps(u2, u3, 0x20));   // tokens 2, 3
+    _mm256_storeu_ps(w4 + j * 32 + 16, _mm256_permute2f128_ps(u0, u1, 0x31));  // tokens 4, 5
+    _mm256_storeu_ps(w4 + j * 32 + 24, _mm256_permute2f128_ps(u2, u3, 0x31));  // tokens 6, 7
+#endif
   }
 }
 
-// One group of 16 packed rows for tokens t0 .. t0+cnt (cnt <= 4 * H) from build_windows4's windows.
+// One group of 16 packed rows for tokens t0 .. t0+cnt (cnt <= H * L / 4) from build_windows4's windows
+// (w4 at the first token's): H window vectors of L / 4 tokens each.
 template <class W, class Y, int H>
 void group_rows_in_lanes4(const Problem& p, int64_t b, int64_t g, int64_t t0, int64_t cnt, const float* w4) {
+  constexpr int TW = L / 4;  // tokens per window vector
   const auto* vals = static_cast<const typename W::T*>(p.vals) + (b * p.groups + g) * p.nnz * kGroup;
   const uint8_t* pos = p.pos + (b * p.groups + g) * p.nnz * kGroup;
-  vf acc[4 * H];
-  for (int i = 0; i < 4 * H; ++i) acc[i] = vf{};
+  vf acc[H * TW][kSub];
+  for (int i = 0; i < H * TW; ++i)
+    for (int s = 0; s < kSub; ++s) acc[i][s] = vf{};
   const int64_t stripes = p.kv / 4;
   for (int64_t j = 0; j < stripes; ++j) {
     vf w[H];
-    for (int h = 0; h < H; ++h) w[h] = loadf(w4 + j * 32 + h * 16);
+    for (int h = 0; h < H; ++h) w[h] = loadf(w4 + j * 32 + h * L);
     for (int64_t q = 0; q < p.n; ++q) {
       const int64_t i = j * p.n + q;
-      const vf v = W::load(vals, i, 0);
-      const vi ps = W::load_pos(pos, i, 0);
-      for (int tt = 0; tt < 4; ++tt) {
-        const vi idx = ps + int32_t(4 * tt);
-        for (int h = 0; h < H; ++h) acc[h * 4 + tt] += v * permute(w[h], idx);
+      for (int s = 0; s < kSub; ++s) {
+        const vf v = W::load(vals, i, s);
+        const vi ps = W::load_pos(pos, i, s);
+        for (int tt = 0; tt < TW; ++tt) {
+          const vi idx = ps + int32_t(4 * tt);
+          for (int h = 0; h < H; ++h) acc[h * TW + tt][s] += v * permute(w[h], idx);
+        }
       }
     }
   }
-  alignas(64) float out[4 * H][kGroup];
-  for (int i = 0; i < 4 * H; ++i) storef(out[i], acc[i]);
+  alignas(64) float out[H * TW][kGroup];
+  for (int i = 0; i < H * TW; ++i)
+    for (int s = 0; s < kSub; ++s) storef(&out[i][s * L], acc[i][s]);
   put_group<Y>(p, b, g, t0, cnt, &out[0][0]);
 }
 #endif
@@ -584,19 +598,34 @@ void group_rows_in_lanes4(const Problem& p, int64_t b, int64_t g, int64_t t0, in
 template <class X, class W, class Y>
 void unit_mode0(const Problem& p, int64_t b, int64_t g0, int64_t g1) {
   const int64_t stride = p.kv + L;  // a full vector load at the last stripe stays inside
+#if HINM_LANES >= 8
+  const int64_t chunk = p.m <= L ? (p.m == 4 ? kX8 : kTokens0) : 16;  // x8's chunks for windows4
+#else
   const int64_t chunk = p.m <= L ? kTokens0 : 16;
+#endif
   float* win = scratch(size_t(std::max(chunk * stride, 8 * p.kv)));
   for (int64_t t0 = 0; t0 < p.t; t0 += chunk) {
     const int64_t cnt = std::min<int64_t>(chunk, p.t - t0);
-#if HINM_LANES == 16
+#if HINM_LANES >= 8
     if (windows4(p, cnt)) {
       build_windows4(p, b, p.xt + t0 * p.k, win);
       for (int64_t g = g0; g < g1; ++g) {
+#if HINM_LANES == 16
         if (cnt > 4) {
           group_rows_in_lanes4<W, Y, 2>(p, b, g, t0, cnt, win);
         } else {
           group_rows_in_lanes4<W, Y, 1>(p, b, g, t0, cnt, win);
         }
+#else
+        for (int64_t h0 = 0; h0 < cnt; h0 += 4) {  // passes of 4 tokens (8 accumulators)
+          const int64_t c = std::min<int64_t>(4, cnt - h0);
+          if (c > 2) {
+            group_rows_in_lanes4<W, Y, 2>(p, b, g, t0 + h0, c, win + h0 * 4);
+          } else {
+            group_rows_in_lanes4<W, Y, 1>(p, b, g, t0 + h0, c, win + h0 * 4);
+          }
+        }
+#endif
       }
       continue;
     }
@@ -1158,12 +1187,12 @@ void run(Problem p, int64_t mode, Pool& pool) {
   const int64_t kchunks = (p.k + kc - 1) / kc;
   if (mode == 0) {
     int64_t chunks = 0;  // x8 chunks for windows4
-#if HINM_LANES == 16
+#if HINM_LANES >= 8
     if (!dot) chunks = windows4_chunks(p);
 #endif
-    const CallBuffer buffer(size_t(chunks * kTokens0 * p.k));
+    const CallBuffer buffer(size_t(chunks * kX8 * p.k));
     p.xt = buffer.data();
-#if HINM_LANES == 16
+#if HINM_LANES >= 8
     if (chunks) {
       parallel_for(pool, threads, chunks * kchunks, [&](int64_t u) {
         const int64_t k0 = (u % kchunks) * kc;

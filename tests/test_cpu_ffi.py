@@ -211,8 +211,8 @@ def test_bf16_pair_layout_matches_the_reference(pattern, xdt, mode, t):
 @pytest.mark.parametrize("dtypes", [(F32, F32), (BF16, BF16), (BF16, F32)])
 @pytest.mark.parametrize("pattern", [HiNM(32, 0.5, 2, 4), NM(2, 4)])
 def test_tokens_schedule_transposes_every_input_and_token(pattern, dtypes, k):
-    """x is transposed into token tiles 16 x 16 (32 for bfloat16 pairs) at a time: inputs past the last
-    whole block, tokens past T in the last tile."""
+    """x is transposed into token tiles 16 x 16 (AVX-512; 32 for bfloat16 pairs) or 8 x 8 (AVX2) at a
+    time: inputs past the last whole block, tokens past T in the last tile."""
     rng = np.random.default_rng(k)
     xdt, wdt = dtypes
     sw = _weight(rng, k, 96, pattern, wdt)
