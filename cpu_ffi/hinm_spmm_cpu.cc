@@ -725,7 +725,7 @@ template <class W, int R, int S, int N>
 __attribute__((always_inline)) inline void rows_tokens_in_lanes(const Problem& p, int64_t b, int64_t g, int l0, int64_t j0, int64_t j1,
                                                                 const float* xt, float* acc_mem, bool first) {
   constexpr int U = S * kTile / L, PT = S * kTile;
-  const int64_t n = N ? N : p.n, stride = S == 1 ? p.xt_stride : PT, last = p.k - 1;
+  const int64_t n = N ? N : p.n, stride = S == 1 ? p.xt_stride : PT;
   const auto* vals = static_cast<const typename W::T*>(p.vals) + (b * p.groups + g) * p.nnz * kGroup;
   const uint16_t* in = p.in + (b * p.groups + g) * p.nnz * kGroup;
   vf acc[R][U];
@@ -736,8 +736,9 @@ __attribute__((always_inline)) inline void rows_tokens_in_lanes(const Problem& p
       const int64_t i = j * n + q;
       for (int r = 0; r < R; ++r) {
         const vf w = splat(W::get(vals, i, l0 + r));
-        // The packer's indices are below K; a damaged layout must still not read outside xt.
-        const float* a = xt + std::min<int64_t>(in[W::off(i, l0 + r)], last) * stride;
+        // Below K: the handler checks every input index of a mode 1 call (a clamp here instead cost
+        // 3% of a call with AVX2, benchmarks/RESULTS.md).
+        const float* a = xt + int64_t(in[W::off(i, l0 + r)]) * stride;
         for (int u = 0; u < U; ++u) acc[r][u] += w * loadf(a + u * L);
       }
     }
@@ -1299,9 +1300,11 @@ void run(Problem p, int64_t mode, Pool& pool) {
 // back-to-back 384x1536 calls at T = 1 (perf; 4% now).
 
 // The largest of a[0..n) as unsigned (a negative entry is above any bound); -1 when n = 0.
-__attribute__((noinline)) int64_t largest(const int32_t* a, int64_t n) {
-  uint32_t hi = 0;
-  for (int64_t i = 0; i < n; ++i) hi = std::max(hi, uint32_t(a[i]));
+template <class T>
+__attribute__((noinline)) int64_t largest(const T* a, int64_t n) {
+  using U = std::make_unsigned_t<T>;
+  U hi = 0;
+  for (int64_t i = 0; i < n; ++i) hi = std::max(hi, U(a[i]));
   return n ? int64_t(hi) : -1;
 }
 
@@ -1369,6 +1372,9 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   // outside x and y.
   if (largest(p.vidx, p.nb * p.kv) >= p.k) return ffi::Error::InvalidArgument("hinm_spmm_cpu: vector index out of range");
   if (largest(p.perm, p.o) >= p.o) return ffi::Error::InvalidArgument("hinm_spmm_cpu: row permutation out of range");
+  // Mode 1's float32 units read x^T at each value's input index unchecked (mode 0 does not read them).
+  if (mode == 1 && p.in && largest(p.in, int64_t(in.element_count())) >= p.k)
+    return ffi::Error::InvalidArgument("hinm_spmm_cpu: input index out of range");
   // Every channel comes from exactly one packed row (permute_out reads inv[c] for each).
   std::vector<int32_t> inv(size_t(p.o), -1);
   int32_t repeats = 0;
