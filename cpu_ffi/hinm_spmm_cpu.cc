@@ -669,42 +669,39 @@ __attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
 }
 #endif
 
-// xt[tile][k][kTile] = x[tile * kTile + tt, k] for k in [k0, k1), zero past the last token. With AVX-512,
-// 16 tokens x 16 inputs at a time through registers (AVX2: 8 x 8); the inputs past the last multiple one by one.
+#if HINM_LANES >= 8
+// In-register transpose of an L x L block: r[i] (row i) becomes column i.
+__attribute__((always_inline)) inline void transpose_lanes(vf r[L]) {
+#if HINM_LANES == 16
+  transpose16(reinterpret_cast<__m512*>(r));
+#else
+  transpose8(reinterpret_cast<__m256*>(r));
+#endif
+}
+#endif
+
+// xt[tile][k][kTile] = x[tile * kTile + tt, k] for k in [k0, k1), zero past the last token: L tokens x L
+// inputs at a time through registers (AVX-512 or AVX2); the inputs past the last multiple of L one by one.
 template <class X>
 void transpose_tile(const Problem& p, int64_t tile, int64_t k0, int64_t k1) {
   const auto* x = static_cast<const typename X::T*>(p.x);
   float* xt = xt_tile(p, tile);
   const int64_t xs = p.xt_stride;
   int64_t ka = k0;
-#if HINM_LANES == 16
-  // 16 tokens at a time along the whole range of inputs: 16 rows of x streamed at once, which the
-  // hardware prefetchers follow (interleaving the tile's 32 rows instead ran half as fast from memory:
-  // 1536 inputs x 2048 tokens, 2.3 against 1.2 ms on one core, benchmarks/RESULTS.md).
-  const int64_t kend = k0 + (k1 - k0) / 16 * 16;
-  for (int64_t h = 0; h < kTile; h += 16) {
-    for (ka = k0; ka < kend; ka += 16) {
-      __m512 r[16];
-      for (int i = 0; i < 16; ++i) {
+#if HINM_LANES >= 8
+  // L tokens at a time along the whole range of inputs: L rows of x streamed at once, which the
+  // hardware prefetchers follow (interleaving the tile's 32 rows instead ran half as fast from memory
+  // with AVX-512: 1536 inputs x 2048 tokens, 2.3 against 1.2 ms on one core, benchmarks/RESULTS.md).
+  const int64_t kend = k0 + (k1 - k0) / L * L;
+  for (int64_t h = 0; h < kTile; h += L) {
+    for (ka = k0; ka < kend; ka += L) {
+      vf r[L];
+      for (int i = 0; i < L; ++i) {
         const int64_t t = tile * kTile + h + i;
-        r[i] = t < p.t ? (__m512)X::load(x + t * p.k + ka) : _mm512_setzero_ps();
+        r[i] = t < p.t ? X::load(x + t * p.k + ka) : vf{};
       }
-      transpose16(r);
-      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(xt + (ka + j) * xs + h, r[j]);
-    }
-  }
-  ka = kend;
-#elif HINM_LANES == 8
-  const int64_t kend = k0 + (k1 - k0) / 8 * 8;  // the same walk, 8 tokens x 8 inputs at a time
-  for (int64_t h = 0; h < kTile; h += 8) {
-    for (ka = k0; ka < kend; ka += 8) {
-      __m256 r[8];
-      for (int i = 0; i < 8; ++i) {
-        const int64_t t = tile * kTile + h + i;
-        r[i] = t < p.t ? (__m256)X::load(x + t * p.k + ka) : _mm256_setzero_ps();
-      }
-      transpose8(r);
-      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(xt + (ka + j) * xs + h, r[j]);
+      transpose_lanes(r);
+      for (int j = 0; j < L; ++j) storef(xt + (ka + j) * xs + h, r[j]);
     }
   }
   ka = kend;
