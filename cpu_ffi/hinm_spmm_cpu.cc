@@ -378,6 +378,7 @@ inline void put_group(const Problem& p, int64_t b, int64_t g, int64_t t0, int64_
 
 // Tokens per pass: accumulators and windows both live in registers.
 constexpr int kTokens0 = L == 16 ? 8 : (L == 8 ? 4 : 2);
+constexpr int64_t kX8 = 8;  // tokens per chunk of x8 (windows4, AVX-512 and AVX2)
 
 // win[tt * stride + jj] = x[t0 + tt, vidx[b, jj]] in fp32, for tt < cnt; padded with zeros to stride.
 template <class X>
@@ -502,7 +503,6 @@ __attribute__((always_inline)) inline void transpose8(__m256 r[8]) {
 // from x8 (below) instead of one scalar gather per token and input. Those gathers took a third of a
 // call at T = 8 with V = 32 (benchmarks/RESULTS.md); a lane's index is then its position plus 4 * tt.
 constexpr int64_t kWindows4From = L == 16 ? 3 : 4;  // tokens of a chunk from which windows4 pays
-constexpr int64_t kX8 = 8;            // tokens per chunk of x8
 inline bool windows4(const Problem& p, int64_t cnt) { return p.m == 4 && cnt >= kWindows4From; }
 
 // Chunks of kX8 tokens that windows4 reads from x8: every full one, the last one only when it has
