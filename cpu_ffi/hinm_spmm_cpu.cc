@@ -39,8 +39,8 @@
 //
 // Both schedules accumulate in fp32 and write output channel perm[r] directly; mode 1 stages the
 // outputs of a permuted layout (rows of a block going to non-consecutive channels, as after 2CP) in
-// packed-row order and writes each finished token tile 16 channels x 16 tokens at a time
-// (permute_out). Work is split into units (block pieces x token tiles) taken from an atomic counter
+// packed-row order and writes each finished token tile 16 channels x L tokens at a time
+// (permute_out, put16). Work is split into units (block pieces x token tiles) taken from an atomic counter
 // by the calling thread and, in calls large enough (kParallelFrom), by tasks on XLA's intra-op
 // thread pool (ffi::ThreadPool), so the kernel uses every core the dense dot it replaces would use.
 // bf16 activations with pair-layout weights use the AVX-512 BF16 dot product (vdpbf16ps: two
@@ -262,7 +262,7 @@ struct Problem {
   int64_t ring_tiles;   // mode 1: tiles per group of the x^T ring (0: one slot per tile)
   // mode 1 with permuted output rows (row_perm not consecutive inside a block): each unit stores its
   // partial outputs in packed-row order, stage[tile][packed row][kTile] (see stage_tile), and the unit
-  // that completes a tile writes it to y, 16 channels x 16 tokens at a time (see permute_out).
+  // that completes a tile writes it to y, 16 channels x L tokens at a time (see permute_out).
   // nullptr: direct writes.
   float* stage;
   const int32_t* inv;             // output channel -> packed row (the inverse of perm); set: staged
