@@ -29,8 +29,8 @@ MODES = ("rows", "tokens")  # mode 0: packed rows in vector lanes; mode 1: token
 TOKENS_MODE_FROM = 32
 TOKENS_MODE_FROM_BF16 = 16
 # AVX2 builds (8 lanes, no BF16 dot products; 32-token tiles): on a 2-core Zen 3 the two schedules broke
-# even at T = 16 (HiNM and 2:4 layers, float32 and bfloat16) and the tokens schedule was 1.2-1.6x
-# faster from T = 20-24.
+# even at T = 16 (HiNM and 2:4 layers, float32 and bfloat16) and the tokens schedule was 1.17-1.55x
+# faster at T = 20-24.
 TOKENS_MODE_FROM_AVX2 = 16
 
 
