@@ -609,23 +609,18 @@ void unit_mode0(const Problem& p, int64_t b, int64_t g0, int64_t g1) {
 #if HINM_LANES >= 8
     if (windows4(p, cnt)) {
       build_windows4(p, b, p.xt + t0 * p.k, win);
+      // Passes of two window vectors (AVX-512: the chunk's 8 tokens at once; AVX2: 4 tokens, 8
+      // accumulators), one vector when the pass has L / 4 tokens or fewer.
+      constexpr int64_t pass = 2 * (L / 4);
       for (int64_t g = g0; g < g1; ++g) {
-#if HINM_LANES == 16
-        if (cnt > 4) {
-          group_rows_in_lanes4<W, Y, 2>(p, b, g, t0, cnt, win);
-        } else {
-          group_rows_in_lanes4<W, Y, 1>(p, b, g, t0, cnt, win);
-        }
-#else
-        for (int64_t h0 = 0; h0 < cnt; h0 += 4) {  // passes of 4 tokens (8 accumulators)
-          const int64_t c = std::min<int64_t>(4, cnt - h0);
-          if (c > 2) {
+        for (int64_t h0 = 0; h0 < cnt; h0 += pass) {
+          const int64_t c = std::min<int64_t>(pass, cnt - h0);
+          if (c > L / 4) {
             group_rows_in_lanes4<W, Y, 2>(p, b, g, t0 + h0, c, win + h0 * 4);
           } else {
             group_rows_in_lanes4<W, Y, 1>(p, b, g, t0 + h0, c, win + h0 * 4);
           }
         }
-#endif
       }
       continue;
     }
