@@ -313,12 +313,13 @@ def test_calls_of_16m_multiply_adds_or_more_split_across_the_pool(mode, permuted
 )
 @pytest.mark.parametrize("permuted", [False, True])
 def test_tokens_schedule_reuses_the_transposed_inputs_ring(pattern, dtype, permuted):
-    """With K = 4096, 600 tokens make 5 (float32) or 3 (bfloat16 dot products) groups of token tiles
-    of about 2 MB of x^T each: more than the ring's two slots, so later groups are transposed into
-    the slots of earlier ones once their units have finished, on both of the pool's threads."""
+    """With K = 4096, 900 tokens make 8 (float32, and bfloat16 widened) or 4 (bfloat16 dot products)
+    groups of token tiles of about 2 MB of x^T each: more than the ring's three slots, so later groups
+    are transposed into the slots of earlier ones once their units have finished, on both of the
+    pool's threads, each group's while the units of the group before it run."""
     rng = np.random.default_rng(9)
     sw = _weight(rng, 4096, 64, pattern, dtype, permuted=permuted)
-    x = jnp.asarray(rng.normal(size=(600, 4096)), dtype)
+    x = jnp.asarray(rng.normal(size=(900, 4096)), dtype)
     y = cpu_ffi.spmm(x, _cpu.pack(sw), n=sw.n, m=sw.m, vector_size=sw.vector_size, out_dtype=dtype, mode="tokens")
     assert _rel_err(y, _oracle(x.astype(jnp.float32), sw)) <= _tol(dtype, dtype)
 
