@@ -25,7 +25,7 @@ def _uniform_kept(params, base=BASE, **kw):
     return sum(r.kept for r in rows)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     shapes=st.lists(st.tuples(st.sampled_from([16, 32, 48, 64]), st.sampled_from([8, 16, 24])), min_size=1, max_size=5),
     seed=st.integers(0, 2**16),

@@ -253,7 +253,7 @@ def test_stacked_weights_pack_per_matrix():
 # --- the kernel ---------------------------------------------------------------------------
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     pattern=_patterns(),
     kb=st.integers(1, 4),
