@@ -612,14 +612,21 @@ def encode(
         return out
     order = np.argsort([-len(str(s)) for s in sentences], kind="stable")
     rows = min(batch_size, len(sentences))
-    pending = []  # batches dispatched, read back after the loop: the next batch is tokenized meanwhile
+    pending = None  # the batch dispatched last, read back after the next one is tokenized and dispatched
+
+    def read_back():
+        idx, emb = pending
+        out[idx] = np.asarray(emb[: len(idx)], dtype=np.float32)
+
     for start in range(0, len(sentences), rows):
         idx = order[start : start + rows]
         ids, mask = tokenize(tokenizer, [sentences[i] for i in idx])
         if len(idx) < rows:  # pad the last batch with empty rows: one jit shape per T
             ids = np.pad(ids, ((0, rows - len(idx)), (0, 0)))
             mask = np.pad(mask, ((0, rows - len(idx)), (0, 0)))
-        pending.append((idx, _embed(model, params, jnp.asarray(ids), jnp.asarray(mask))))
-    for idx, emb in pending:
-        out[idx] = np.asarray(emb[: len(idx)], dtype=np.float32)
+        emb = _embed(model, params, jnp.asarray(ids), jnp.asarray(mask))
+        if pending is not None:
+            read_back()
+        pending = (idx, emb)
+    read_back()
     return out
