@@ -1160,11 +1160,14 @@ inline int64_t groups_per_unit(const Problem& p, int64_t threads, int64_t tiles,
   return std::min(gpu, cap);
 }
 
-// Below both, the call runs on the calling thread alone. Pool tasks started 10-260 us after they were
-// scheduled in calls through JAX on a 2-core machine, so calls that one thread finishes in 0.1-0.3 ms
-// (384x1536 and 1536x384 at T = 8-32, weights in the caches) ran 1.2-2x faster without the pool;
-// weights of several MB come from memory, which two cores read faster (benchmarks/RESULTS.md).
-constexpr double kParallelFrom = 1 << 24;       // multiply-adds
+// Below both, the call runs on the calling thread alone: how late the pool's tasks start decides
+// where the pool pays, and it differs between machines (benchmarks/RESULTS.md). On a 2-core Zen 4
+// they started 10-260 us after they were scheduled (calls alternating with no other work) and calls
+// below 2^24 multiply-adds ran up to 2x faster alone; on a 2-core Zen 3 (AVX2), each call after a
+// dense dot, the pool made 384x1536 and 1536x384 calls at T = 16-64 1.2-1.5x faster (T = 8:
+// 0.97-1.2x), so the pool now starts at 2^20. Weights of several MB come from memory, which two
+// cores read faster.
+constexpr double kParallelFrom = 1 << 20;       // multiply-adds
 constexpr double kParallelBytesFrom = 1 << 22;  // weight bytes (values and positions)
 
 // p.inv set: mode 1 stages the outputs (a permuted layout, see finish_unit).
