@@ -1164,9 +1164,9 @@ inline int64_t groups_per_unit(const Problem& p, int64_t threads, int64_t tiles,
 // where the pool pays, and it differs between machines (benchmarks/RESULTS.md). On a 2-core Zen 4
 // they started 10-260 us after they were scheduled (calls alternating with no other work) and calls
 // below 2^24 multiply-adds ran up to 2x faster alone; on a 2-core Zen 3 (AVX2), each call after a
-// dense dot, the pool made 384x1536 and 1536x384 calls at T = 16-64 1.2-1.5x faster (T = 8:
-// 0.97-1.2x), so the pool now starts at 2^20. Weights of several MB come from memory, which two
-// cores read faster.
+// dense dot, the pool made 384x1536 and 1536x384 calls at T = 16-64 1.1-1.5x faster (T = 8:
+// 0.92-1.25x) and at T = 1-4 up to 1.5x slower, so the pool now starts at 2^20 (T = 8 there).
+// Weights of several MB come from memory, which two cores read faster.
 constexpr double kParallelFrom = 1 << 20;       // multiply-adds
 constexpr double kParallelBytesFrom = 1 << 22;  // weight bytes (values and positions)
 

