@@ -273,11 +273,12 @@ def make_step(model, tx, frozen, *, w_hidden=1.0, w_cos=1.0, w_rel=0.0, w_attn=0
                     hidden += jnp.sum(jnp.square(hs - ht) * w) / jnp.sum(jnp.square(ht) * w)
             loss += w_hidden * hidden / (len(student.hidden_states) - 1)
         emb, t_e = student.embedding, t_emb  # L2-normalised (the sentence-transformers output)
-        cos = jnp.mean(jnp.sum(emb * t_e, axis=-1))
+        sim = jnp.sum(emb * t_e, axis=-1)  # each sentence's cosine to its teacher embedding
+        cos = jnp.mean(sim)
         if w_cos > 0:
             loss += w_cos * (1.0 - cos)
         if w_nce > 0:
-            pos = jnp.sum(emb * t_e, axis=-1) / nce_temp
+            pos = sim / nce_temp
             neg = emb @ bank.T / nce_temp
             neg = jnp.where(t_e @ bank.T > 0.9999, -jnp.inf, neg)  # the sentence itself (and exact duplicates)
             ce = jax.nn.logsumexp(jnp.concatenate([pos[:, None], neg], axis=1), axis=1) - pos

@@ -614,8 +614,7 @@ def encode(
     rows = min(batch_size, len(sentences))
     pending = None  # the batch dispatched last, read back after the next one is tokenized and dispatched
 
-    def read_back():
-        idx, emb = pending
+    def read_back(idx, emb):
         out[idx] = np.asarray(emb[: len(idx)], dtype=np.float32)
 
     for start in range(0, len(sentences), rows):
@@ -626,7 +625,7 @@ def encode(
             mask = np.pad(mask, ((0, rows - len(idx)), (0, 0)))
         emb = _embed(model, params, jnp.asarray(ids), jnp.asarray(mask))
         if pending is not None:
-            read_back()
+            read_back(*pending)
         pending = (idx, emb)
-    read_back()
+    read_back(*pending)
     return out
