@@ -16,7 +16,7 @@ Example:
 """
 
 from cpu_ffi.build import BuildError, find_compiler
-from cpu_ffi.ffi import MODES, TARGET_NAME, default_mode, isa, register, spmm
+from cpu_ffi.ffi import ACTIVATIONS, MODES, TARGET_NAME, default_mode, isa, register, spmm
 from cpu_ffi.packing import pack
 
-__all__ = ["pack", "spmm", "register", "isa", "default_mode", "MODES", "TARGET_NAME", "BuildError", "find_compiler"]
+__all__ = ["pack", "spmm", "register", "isa", "default_mode", "MODES", "ACTIVATIONS", "TARGET_NAME", "BuildError", "find_compiler"]

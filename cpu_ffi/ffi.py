@@ -21,6 +21,8 @@ __all__ = ["TARGET_NAME", "MODES", "library", "register", "isa", "bf16_dot", "la
 
 TARGET_NAME = "hinm_spmm_cpu"
 MODES = ("rows", "tokens")  # mode 0: packed rows in vector lanes; mode 1: tokens in vector lanes
+# The epilogue's activations, in the order of the kernel's codes (Act in hinm_spmm_cpu.cc).
+ACTIVATIONS = (None, "relu", "gelu")
 
 # Tokens from which the tokens-in-lanes schedule is used (benchmarks/spmm_cpu.py --modes measures
 # both schedules; on a 2-core AVX-512 machine rows-in-lanes wins below this): float32 activations,
@@ -86,7 +88,8 @@ def default_mode(tokens: int, dtype=jnp.float32) -> str:
     return "rows" if tokens < start else "tokens"
 
 
-def spmm(x, packed: dict, *, n: int, m: int, vector_size: int, out_dtype, bias=None, mode: str | None = None):
+def spmm(x, packed: dict, *, n: int, m: int, vector_size: int, out_dtype, bias=None, mode: str | None = None,
+         activation: str | None = None):
     """``y (T, O)``: ``y[t, row_perm[r]] = sum of the packed row r's values times x[t, its inputs]``.
 
     Args:
@@ -97,6 +100,8 @@ def spmm(x, packed: dict, *, n: int, m: int, vector_size: int, out_dtype, bias=N
       out_dtype: float32 or bfloat16.
       bias: ``(O,)`` float32 added in the epilogue, or ``None``.
       mode: ``"rows"``, ``"tokens"`` or ``None`` (:func:`default_mode`).
+      activation: ``None``, ``"relu"`` or ``"gelu"`` (exact, erf: ``v * (1 + erf(v / sqrt 2)) / 2``),
+        applied to every output after the bias (:data:`ACTIVATIONS`).
 
     The library must be registered (:func:`register`). Runs under ``jit``.
     """
@@ -105,6 +110,8 @@ def spmm(x, packed: dict, *, n: int, m: int, vector_size: int, out_dtype, bias=N
     mode = mode or default_mode(t, x.dtype)
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r}: expected one of {ACTIVATIONS}")
     if bias is None:
         bias = jnp.zeros((0,), jnp.float32)
     call = jax.ffi.ffi_call(TARGET_NAME, jax.ShapeDtypeStruct((t, o), out_dtype))
@@ -120,4 +127,5 @@ def spmm(x, packed: dict, *, n: int, m: int, vector_size: int, out_dtype, bias=N
         m=np.int64(m),
         vector_size=np.int64(vector_size),
         mode=np.int64(MODES.index(mode)),
+        activation=np.int64(ACTIVATIONS.index(activation)),
     )

@@ -37,7 +37,8 @@
 //     value and input index serves twice the tokens. Units run in super-tiles (a group of blocks x a
 //     group of tiles) so that weights and x tiles both stay cached.
 //
-// Both schedules accumulate in fp32 and write output channel perm[r] directly; mode 1 stages the
+// Both schedules accumulate in fp32, add the bias, apply the activation (attribute `activation`: none,
+// ReLU or the exact GELU, see epilogue) and write output channel perm[r] directly; mode 1 stages the
 // outputs of a permuted layout (rows of a block going to non-consecutive channels, as after 2CP) in
 // packed-row order and writes each finished token tile 16 channels x L tokens at a time
 // (permute_out, put16). Work is split into units (block pieces x token tiles) taken from an atomic counter
@@ -256,6 +257,7 @@ struct Problem {
   const int32_t* vidx;
   const int32_t* perm;
   const float* bias;    // nullptr: none
+  int64_t act;          // the activation of the epilogue (Act)
   void* y;
   float* xt;            // mode 1: transposed tiles, k * kTile floats each (slots, see xt_tile); mode 0: x8 (windows4)
   int64_t xt_stride;    // mode 1: floats from one row of a tile of xt to the next: kTile, or 2 * kTile (pairs)
@@ -337,16 +339,55 @@ class CallBuffer {
   float* data_;
 };
 
-// Writes one packed row's outputs for tokens t0.. (cnt of them): y[t, perm[row]] = acc[i] (+ bias).
+// ---- the epilogue ----------------------------------------------------------------------------------
+
+// The activation applied to every output after the bias (attribute `activation`). Fusing it saves the
+// separate pass over the whole output that the activation is otherwise (MiniLM-L6's GELU:
+// benchmarks/RESULTS.md).
+enum Act : int64_t { kNone = 0, kRelu = 1, kGelu = 2 };
+
+// Exact GELU, v * Phi(v) with Phi(v) = (1 + erf(v / sqrt 2)) / 2. erf from Abramowitz and Stegun
+// 7.1.28: for z >= 0, erf(z) = 1 - 1 / s(z) with s(z) = (1 + a1 z + ... + a6 z^6)^16, |error| <= 3e-7
+// (in float32 the 16th power adds rounding: the GELU within 6e-7 * max(1, |v|), tests/test_cpu_ffi.py);
+// so Phi(v) = 1 - 0.5 / s(|v| / sqrt 2) for v >= 0 and 0.5 / s(|v| / sqrt 2) below (no cancellation in
+// the negative tail). s overflows to infinity for large |v|, which gives Phi = 1 or 0 as it should.
+inline vf gelu(vf v) {
+  const vf z = (vf)((vi)v & 0x7fffffff) * 0.70710678118654752f;
+  vf s = 0.0000430638f * z + 0.0002765672f;
+  s = s * z + 0.0001520143f;
+  s = s * z + 0.0092705272f;
+  s = s * z + 0.0422820123f;
+  s = s * z + 0.0705230784f;
+  s = s * z + 1.0f;
+  s *= s;  // ^2
+  s *= s;  // ^4
+  s *= s;  // ^8
+  s *= s;  // ^16
+  const vf h = 0.5f / s;
+  return v * (v < 0.0f ? h : 1.0f - h);
+}
+
+inline vf activate(const Problem& p, vf v) {
+  if (p.act == kGelu) return gelu(v);
+  if (p.act == kRelu) return v < 0.0f ? vf{} : v;  // NaN stays NaN
+  return v;
+}
+
+inline float activate(const Problem& p, float v) {
+  if (p.act == kNone) return v;
+  return activate(p, splat(v))[0];
+}
+
+// Writes one packed row's outputs for tokens t0.. (cnt of them): y[t, perm[row]] = act(acc[i] + bias).
 template <class Y>
 inline void put_row(const Problem& p, int64_t row, int64_t t0, int64_t cnt, const float* acc, int64_t stride) {
   const int64_t c = p.perm[row];
   const float b = p.bias ? p.bias[c] : 0.0f;
   auto* y = static_cast<typename Y::T*>(p.y);
-  for (int64_t i = 0; i < cnt; ++i) Y::put(y, (t0 + i) * p.o + c, acc[i * stride] + b);
+  for (int64_t i = 0; i < cnt; ++i) Y::put(y, (t0 + i) * p.o + c, activate(p, acc[i * stride] + b));
 }
 
-// Writes a unit's outputs token by token: y[t0 + tt, c0 + r] = at(r, tt) + bias for r < rows, tt <
+// Writes a unit's outputs token by token: y[t0 + tt, c0 + r] = act(at(r, tt) + bias) for r < rows, tt <
 // cnt: rows whose channels are consecutive from c0 (permuted layouts are staged instead, see
 // finish_unit), in float32 stored as vectors. With AVX-512 or AVX2 only the rows past the last 16 come here
 // (put16 writes 16 at a time).
@@ -362,10 +403,10 @@ inline void put_tokens(const Problem& p, int64_t c0, int64_t rows, int64_t t0, i
         for (int l = 0; l < L; ++l) buf[l] = at(r + l, tt);
         vf v = loadf(buf);
         if (bias) v += loadf(bias + r);
-        storef(y + r, v);
+        storef(y + r, activate(p, v));
       }
     }
-    for (; r < rows; ++r) Y::put(y, r, at(r, tt) + (bias ? bias[r] : 0.0f));
+    for (; r < rows; ++r) Y::put(y, r, activate(p, at(r, tt) + (bias ? bias[r] : 0.0f)));
   }
 }
 
@@ -752,7 +793,7 @@ inline int64_t lane_token(int64_t lane) {  // the token of a lane: the inverse o
 }
 
 // Writes channels c0 .. c0+15 of one token tile (tokens t0 .. t0+cnt): y[t0 + tt, c0 + i] = row(i)[lane
-// of tt] + bias[i] (bias: nullptr or 16 floats), where row(i) points at channel c0 + i's kTile partial
+// of tt] + bias[i], activated (bias: nullptr or 16 floats), where row(i) points at channel c0 + i's kTile partial
 // sums. The 16 rows are loaded (two vectors of 16 lanes each) and transposed in registers, so that each
 // token's 16 outputs are one vector store into y.
 #if HINM_LANES == 16
@@ -767,7 +808,7 @@ inline void put16(const Problem& p, int64_t t0, int64_t cnt, int64_t c0, const f
     for (int j = 0; j < 16; ++j) {
       const int64_t tt = lane_token<Dot>(h * 16 + j);
       if (tt >= cnt) continue;
-      const __m512 v = _mm512_add_ps(r[j], bv);
+      const __m512 v = (__m512)activate(p, (vf)_mm512_add_ps(r[j], bv));
       if constexpr (std::is_same_v<Y, F32>) {
         float* dst = y + (t0 + tt) * p.o + c0;
         if (p.stream && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
@@ -801,7 +842,8 @@ inline void put16(const Problem& p, int64_t t0, int64_t cnt, int64_t c0, const f
     for (int j = 0; j < 8; ++j) {
       const int64_t tt = h * 8 + j;
       if (tt >= cnt) break;
-      const __m256 v0 = _mm256_add_ps(lo[j], b0), v1 = _mm256_add_ps(hi[j], b1);
+      const __m256 v0 = (__m256)activate(p, (vf)_mm256_add_ps(lo[j], b0));
+      const __m256 v1 = (__m256)activate(p, (vf)_mm256_add_ps(hi[j], b1));
       if constexpr (std::is_same_v<Y, F32>) {
         float* dst = y + (t0 + tt) * p.o + c0;
         if (p.stream && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
@@ -826,7 +868,7 @@ inline void put16(const Problem& p, int64_t t0, int64_t cnt, int64_t c0, const f
 // pairs like xt's, so that units of two tiles accumulate in place.
 inline float* stage_tile(const Problem& p, int64_t tile) { return tile_rows(p.stage, tile, p.o, p.xt_stride); }
 
-// Writes tile `tile` of the stage to y: y[t0 + tt, c] = stage[tile][inv[c]][lane of tt] (+ bias), 16
+// Writes tile `tile` of the stage to y: y[t0 + tt, c] = act(stage[tile][inv[c]][lane of tt] + bias), 16
 // channels at a time with AVX-512 or AVX2 (put16).
 template <class Y, bool Dot>
 __attribute__((noinline)) void permute_out(const Problem& p, int64_t tile) {
@@ -845,7 +887,7 @@ __attribute__((noinline)) void permute_out(const Problem& p, int64_t tile) {
     const float b = p.bias ? p.bias[c] : 0.0f;
     for (int64_t lane = 0; lane < kTile; ++lane) {
       const int64_t tt = lane_token<Dot>(lane);
-      if (tt < cnt) Y::put(y, (t0 + tt) * p.o + c, row[lane] + b);
+      if (tt < cnt) Y::put(y, (t0 + tt) * p.o + c, activate(p, row[lane] + b));
     }
   }
 }
@@ -1327,7 +1369,7 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
                 ffi::Buffer<ffi::U16> in, ffi::Buffer<ffi::S32> vidx, ffi::Buffer<ffi::S32> perm,
                 ffi::Buffer<ffi::F32> bias,
                 ffi::Result<ffi::AnyBuffer> y, int64_t n, int64_t m,
-                int64_t vector_size, int64_t mode) {
+                int64_t vector_size, int64_t mode, int64_t activation) {
   const auto xd = x.dimensions(), vd = vals.dimensions(), id = vidx.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || vd.size() != 4 || id.size() != 2 || yd.size() != 2)
     return ffi::Error::InvalidArgument(
@@ -1355,6 +1397,8 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   if (bias.element_count() != 0 && int64_t(bias.element_count()) != p.o)
     return ffi::Error::InvalidArgument("hinm_spmm_cpu: bias must have O entries or none");
   if (mode != 0 && mode != 1) return ffi::Error::InvalidArgument("hinm_spmm_cpu: mode must be 0 or 1");
+  if (activation != kNone && activation != kRelu && activation != kGelu)
+    return ffi::Error::InvalidArgument("hinm_spmm_cpu: activation must be 0 (none), 1 (relu) or 2 (gelu)");
   p.x = x.untyped_data();
   p.vals = vals.untyped_data();
   p.pos = pos.typed_data();
@@ -1362,6 +1406,7 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   p.vidx = vidx.typed_data();
   p.perm = perm.typed_data();
   p.bias = bias.element_count() ? bias.typed_data() : nullptr;
+  p.act = activation;
   p.y = y->untyped_data();
   p.direct = false;
   p.stream = p.t * p.o * int64_t(sizeof(float)) >= kStreamFrom;  // used by float32 outputs only
@@ -1439,7 +1484,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HinmSpmmCpu, hinm_cpu::Spmm,
                                   .Attr<int64_t>("n")
                                   .Attr<int64_t>("m")
                                   .Attr<int64_t>("vector_size")
-                                  .Attr<int64_t>("mode"));
+                                  .Attr<int64_t>("mode")
+                                  .Attr<int64_t>("activation"));  // Act
 
 // Host-callable facts about the build (ctypes): the vector width and the instruction set compiled.
 extern "C" int hinm_cpu_lanes() { return hinm_cpu::L; }

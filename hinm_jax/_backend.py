@@ -4,18 +4,19 @@ of a stacked weight, and the backward pass through the reference.
 
 Example:
     >>> from hinm_jax import _backend, _xla
-    >>> f = _backend.with_reference_vjp(lambda x, w, packed, bias: _xla.matmul(x, w))
+    >>> f = _backend.with_reference_vjp(lambda x, w, packed, bias, activation: _xla.matmul(x, w))
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 
 import jax
 import jax.numpy as jnp
 
-from hinm_jax import _xla
+from hinm_jax import _activation, _xla
 from hinm_jax.format import SparseWeight
 
 __all__ = ["register_or_warn", "not_one_matrix", "require", "one_matrix", "per_matrix", "with_reference_vjp"]
@@ -71,33 +72,35 @@ def per_matrix(fn, w: SparseWeight):
     return fn(w.values, w.metadata, w.vector_index, w.row_perm)
 
 
-def _with_bias(x, w: SparseWeight, bias):
+def _reference(activation, x, w: SparseWeight, bias):
     y = _xla.matmul(x, w)
-    return y if bias is None else (y + bias).astype(y.dtype)
+    y = y if bias is None else (y + bias).astype(y.dtype)
+    return _activation.apply(activation, y)
 
 
 def with_reference_vjp(kernel):
     """A backend's product made differentiable with the reference's VJP.
 
     Args:
-      kernel: ``kernel(x, w, packed, bias) -> (T, O)``, the same function of ``(x, w,
-        bias)`` as ``_xla.matmul(x, w) + bias`` (``packed`` is the backend's copy of ``w``).
+      kernel: ``kernel(x, w, packed, bias, activation) -> (T, O)``, the same function of
+        ``(x, w, bias)`` as ``activation(_xla.matmul(x, w) + bias)`` (``packed`` is the
+        backend's copy of ``w``; ``activation`` a static name or ``None``).
 
     Returns:
-      ``f(x, w, packed, bias)``: ``kernel`` forward; backward, the cotangents of ``x``,
-      ``w``'s values and ``bias`` from the reference (none for ``packed``).
+      ``f(x, w, packed, bias, activation)``: ``kernel`` forward; backward, the cotangents
+      of ``x``, ``w``'s values and ``bias`` from the reference (none for ``packed``).
     """
 
-    @jax.custom_vjp
-    def f(x, w, packed, bias):
-        return kernel(x, w, packed, bias)
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def f(x, w, packed, bias, activation):
+        return kernel(x, w, packed, bias, activation)
 
-    def fwd(x, w, packed, bias):
-        return kernel(x, w, packed, bias), (x, w, bias)
+    def fwd(x, w, packed, bias, activation):
+        return kernel(x, w, packed, bias, activation), (x, w, bias)
 
-    def bwd(res, g):
+    def bwd(activation, res, g):
         x, w, bias = res
-        _, vjp = jax.vjp(_with_bias, x, w, bias)
+        _, vjp = jax.vjp(functools.partial(_reference, activation), x, w, bias)
         gx, gw, gb = vjp(g.astype(jnp.result_type(x.dtype, w.dtype)))
         return gx, gw, None, gb
 

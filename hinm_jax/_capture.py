@@ -155,11 +155,18 @@ def runner(model, variables=None, call=None, wanted: Callable[[Any], bool] = lam
         variables = dict(variables or {})
 
         def run_linen(params, batch, record: Record):
+            inside = set()  # modules whose __call__ runs: a subclass calling super().__call__ is recorded once
+
             def intercept(next_fun, args, kwargs, context):
                 mod = context.module
-                if context.method_name == "__call__" and wanted(mod):
-                    record(join_path(mod.scope.path), mod, args[0] if args else None)
-                return next_fun(*args, **kwargs)
+                if context.method_name != "__call__" or not wanted(mod) or id(mod) in inside:
+                    return next_fun(*args, **kwargs)
+                record(join_path(mod.scope.path), mod, args[0] if args else None)
+                inside.add(id(mod))
+                try:
+                    return next_fun(*args, **kwargs)
+                finally:
+                    inside.discard(id(mod))
 
             with nn.intercept_methods(intercept):
                 return call(lambda *a, **kw: model.apply({**variables, "params": params}, *a, **kw), batch)

@@ -82,7 +82,7 @@ def pack(w: SparseWeight) -> dict | None:
     return {key: jnp.asarray(v) for key, v in packed.items()}
 
 
-def _kernel(x, w: SparseWeight, packed: dict, bias):
+def _kernel(x, w: SparseWeight, packed: dict, bias, activation):
     return cpu_ffi.spmm(
         x,
         packed,
@@ -91,20 +91,22 @@ def _kernel(x, w: SparseWeight, packed: dict, bias):
         vector_size=w.vector_size,
         out_dtype=jnp.result_type(x.dtype, w.dtype),
         bias=bias,
+        activation=activation,
     )
 
 
 _matmul = _backend.with_reference_vjp(_kernel)
 
 
-def matmul(x, w: SparseWeight, bias=None):
-    """``x @ w.densify() (+ bias)`` for ``x`` ``(T, K)`` with the C++ kernel.
+def matmul(x, w: SparseWeight, bias=None, activation: str | None = None):
+    """``activation(x @ w.densify() (+ bias))`` for ``x`` ``(T, K)`` with the C++ kernel.
 
     Uses ``w.packed`` when it was packed for this backend (:func:`hinm_jax.pack_for`) in the
     current layout, otherwise packs in-graph (every call: pack once for speed; a checkpoint's
     weights packed in an older layout, without ``inputs``, are packed again this way). Accumulates in float32; the
-    bias (``(O,)``) is added in float32 before the one rounding to the output dtype
-    (``x``'s promoted with ``w``'s). Differentiable (the backward pass is the reference's).
+    bias (``(O,)``) is added and the activation (``None``, ``"relu"``, ``"gelu"``: see
+    :mod:`hinm_jax._activation`) applied in float32 in the kernel's epilogue, before the one
+    rounding to the output dtype (``x``'s promoted with ``w``'s). Differentiable (the backward pass is the reference's).
 
     Raises:
       NotImplementedError: stacked weights, a weight or activation dtype other than
@@ -119,9 +121,11 @@ def matmul(x, w: SparseWeight, bias=None):
         bias = jnp.asarray(bias)
         if bias.shape != (o,):
             raise ValueError(f"bias: shape={tuple(bias.shape)} but w: shape={w.shape} pattern {w.pattern} has O={o} outputs")
+    if activation not in cpu_ffi.ACTIVATIONS:
+        raise NotImplementedError(f"cpu: activation={activation!r}: the kernel applies {cpu_ffi.ACTIVATIONS[1:]}")
     if x.shape[0] == 0:
         return jnp.zeros((0, o), jnp.result_type(x.dtype, w.dtype))
     current = w.packed_for == NAME and w.packed is not None and set(cpu_packing.KEYS) <= set(w.packed)
     packed = w.packed if current else pack(w)
     plain = dataclasses.replace(w, packed=None, packed_for=None)
-    return _matmul(x, plain, packed, bias)
+    return _matmul(x, plain, packed, bias, activation)

@@ -27,7 +27,7 @@ import numpy as np
 import cuda_ffi
 from cuda_ffi import packing as cuda_packing
 from cuda_ffi import tiles as cuda_tiles
-from hinm_jax import _backend
+from hinm_jax import _activation, _backend
 from hinm_jax.format import SparseWeight
 from hinm_jax.patterns import NM
 
@@ -133,19 +133,20 @@ def pack(w: SparseWeight) -> dict | None:
     return {key: jnp.asarray(v) for key, v in out.items()}
 
 
-def _kernel(x, w: SparseWeight, packed: dict, bias):
-    return cuda_ffi.spmm(x, packed, w.matrix_shape[1], bias)
+def _kernel(x, w: SparseWeight, packed: dict, bias, activation):
+    return _activation.apply(activation, cuda_ffi.spmm(x, packed, w.matrix_shape[1], bias))
 
 
 _matmul = _backend.with_reference_vjp(_kernel)
 
 
-def matmul(x, w: SparseWeight, bias=None):
-    """``x @ w.densify() (+ bias)`` for ``x`` ``(T, K)`` with the ``mma.sp`` kernel.
+def matmul(x, w: SparseWeight, bias=None, activation: str | None = None):
+    """``activation(x @ w.densify() (+ bias))`` for ``x`` ``(T, K)`` with the ``mma.sp`` kernel.
 
     Uses ``w.packed`` when it was packed for this backend (:func:`hinm_jax.pack_for`),
     otherwise packs in-graph. The bias (``(O,)``, optional) is added in float32 in the
-    kernel's epilogue. Differentiable (the backward pass is the reference's).
+    kernel's epilogue; the activation (``None``, ``"relu"``, ``"gelu"``) after the
+    kernel. Differentiable (the backward pass is the reference's).
 
     Raises:
       NotImplementedError: a pattern other than HiNM(., ., 2, 4) / NM(2, 4), a dtype other
@@ -164,4 +165,4 @@ def matmul(x, w: SparseWeight, bias=None):
     if cuda_tiles.tile_height(lay.vector_size, lay.gather) is None:
         raise NotImplementedError(f"cuda: pattern {w.pattern}: no tile fits vector size {lay.vector_size}")
     plain = dataclasses.replace(w, packed=None, packed_for=None)
-    return _matmul(x, plain, packed, bias)
+    return _matmul(x, plain, packed, bias, activation)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
-from hinm_jax import _backend
+from hinm_jax import _activation, _backend
 from hinm_jax.format import SparseWeight
 from hinm_jax.patterns import NM
 
@@ -87,7 +87,7 @@ def pack(w: SparseWeight) -> dict | None:
     return _backend.per_matrix(lambda *arrays: _pack_matrix(w, *arrays), w)
 
 
-def _kernel(x, w: SparseWeight, packed: dict, bias):
+def _kernel(x, w: SparseWeight, packed: dict, bias, activation):
     y = pallas_kernels.hinm_spmm(
         x,
         packed["values"].astype(x.dtype),
@@ -97,14 +97,15 @@ def _kernel(x, w: SparseWeight, packed: dict, bias):
         m=w.m,
         interpret=_interpret(),
     )
-    return y if bias is None else (y + bias).astype(y.dtype)
+    return _activation.apply(activation, y if bias is None else (y + bias).astype(y.dtype))
 
 
 _matmul = _backend.with_reference_vjp(_kernel)
 
 
-def matmul(x, w: SparseWeight, bias=None):
-    """``x @ w.densify() (+ bias)`` for ``x`` ``(T, K)``, with the Pallas kernel.
+def matmul(x, w: SparseWeight, bias=None, activation: str | None = None):
+    """``activation(x @ w.densify() (+ bias))`` for ``x`` ``(T, K)``, with the Pallas kernel
+    (the activation, ``None``, ``"relu"`` or ``"gelu"``, applied after it).
 
     Uses ``w.packed`` when it was packed for this backend (:func:`hinm_jax.pack_for`),
     otherwise packs in-graph. Differentiable (the backward pass is the reference's).
@@ -128,4 +129,4 @@ def matmul(x, w: SparseWeight, bias=None):
         return jnp.zeros((0, o), dtype)
     packed = w.packed if (w.packed_for == NAME and w.packed is not None) else pack(w)
     plain = dataclasses.replace(w, packed=None, packed_for=None)
-    return _matmul(x, plain, packed, bias)
+    return _matmul(x, plain, packed, bias, activation)

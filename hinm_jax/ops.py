@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hinm_jax import _xla
+from hinm_jax import _activation, _xla
 from hinm_jax._tree import map_with_path
 from hinm_jax.format import SparseWeight
 
@@ -149,14 +149,17 @@ def _check(x, w, bias) -> None:
         )
 
 
-def sparse_matmul(x, w: SparseWeight, *, bias=None, implementation: str | None = None):
-    """``x @ densify(w) (+ bias)`` for ``x`` of shape ``(..., K)``.
+def sparse_matmul(x, w: SparseWeight, *, bias=None, activation: str | None = None, implementation: str | None = None):
+    """``activation(x @ densify(w) (+ bias))`` for ``x`` of shape ``(..., K)``.
 
     Args:
       x: activations ``(..., K)``; leading dims are flattened.
       w: a :class:`~hinm_jax.format.SparseWeight` with no stack axes (a conv kernel
         multiplies flattened patches: ``K = kh*kw*I``).
       bias: optional ``(O,)`` added to the output.
+      activation: ``None``, ``"relu"`` or ``"gelu"`` (exact, through erf), applied after
+        the bias. The ``"cpu"`` kernel applies it to each output as it writes it (no
+        separate pass over the output); the other implementations after their product.
       implementation: ``"cuda"``, ``"pallas"``, ``"cpu"``, ``"xla"`` or ``None`` (the
         best that runs here, in the order of the module docstring).
 
@@ -164,8 +167,9 @@ def sparse_matmul(x, w: SparseWeight, *, bias=None, implementation: str | None =
       ``(..., O)`` in ``x``'s dtype (promoted with ``w``'s); fp16/bf16 accumulate in fp32.
 
     Raises:
+      TypeError: ``activation`` is not a string or ``None``.
       ValueError: ``w`` is not a :class:`~hinm_jax.format.SparseWeight`, ``x`` or
-        ``bias`` does not match ``w``, or ``w`` is broken. ``w`` is
+        ``bias`` does not match ``w``, ``activation`` is unknown, or ``w`` is broken. ``w`` is
         checked with :meth:`~hinm_jax.format.SparseWeight.validate` on every call: on
         concrete arrays (eagerly, or closed over by a traced function) every check runs
         and a damaged weight never gives a wrong product; on arrays traced under
@@ -179,6 +183,7 @@ def sparse_matmul(x, w: SparseWeight, *, bias=None, implementation: str | None =
     x = jnp.asarray(x)
     _check(x, w, bias)
     k, o = w.matrix_shape
+    _activation.check(activation, f"w: shape={w.shape} pattern {w.pattern}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if implementation is None:
@@ -199,11 +204,12 @@ def sparse_matmul(x, w: SparseWeight, *, bias=None, implementation: str | None =
                 f"available: {available_implementations()}"
             )
         try:
-            return mod.matmul(x2, w, bias=bias).reshape(lead + (o,))  # kernels may fuse the bias
+            # kernels may fuse the bias and the activation
+            return mod.matmul(x2, w, bias=bias, activation=activation).reshape(lead + (o,))
         except NotImplementedError:
             if implementation is not None:
                 raise
     y = y.reshape(lead + (o,))
     if bias is not None:
         y = (y + bias).astype(y.dtype)
-    return y
+    return _activation.apply(activation, y)

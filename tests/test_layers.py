@@ -152,6 +152,65 @@ def test_linen_partly_sparse_tree_and_eager():
     assert_close(y, model.apply({"params": apply_masks(params, masks)}, x))
 
 
+class LinenGeluMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = layers.Dense(96, activation="gelu", name="up")(x)
+        return layers.Dense(64, activation="relu", name="down")(h)
+
+
+@pytest.mark.parametrize("implementation", [None, "xla"])
+def test_linen_dense_activation_is_passed_to_the_sparse_product(implementation):
+    """layers.Dense(activation=...) has nn.Dense's parameters; under sparse_inference its activation goes to
+    sparse_matmul (fused by the "cpu" kernel), and the output equals the masked dense model's."""
+    model, x = LinenGeluMLP(), normal(seed=2, shape=(3, 5, 64))
+    params = init(model, x)
+    assert jax.tree.map(jnp.shape, params) == {"up": {"kernel": (64, 96), "bias": (96,)}, "down": {"kernel": (96, 64), "bias": (64,)}}
+    masks = prune(params, PATTERN)
+    masked = apply_masks(params, masks)
+    ref = model.apply({"params": masked}, x)
+    up = jax.nn.gelu(nn.Dense(96).apply({"params": masked["up"]}, x), approximate=False)
+    assert_close(ref, jax.nn.relu(nn.Dense(64).apply({"params": masked["down"]}, up)))  # dense: the activations run
+    calls = []
+    real = hinm_jax.ops.sparse_matmul
+
+    def spy(*a, **kw):
+        calls.append(kw.get("activation"))
+        return real(*a, **kw)
+
+    import hinm_jax.layers.functional as functional
+
+    functional.sparse_matmul, saved = spy, functional.sparse_matmul
+    try:
+        with layers.sparse_inference(implementation=implementation):
+            y = jax.jit(lambda p, x: model.apply({"params": p}, x))(compress(params, masks), x)
+    finally:
+        functional.sparse_matmul = saved
+    assert calls == ["gelu", "relu"]
+    assert_close(y, ref)
+
+
+def test_linen_dense_unknown_activation_names_path():
+    model = layers.Dense(8, activation="tanh", name="proj")
+    with pytest.raises(ValueError, match=r"^proj: activation='tanh': expected None or one of"):
+        model.init(jax.random.key(0), jnp.ones((2, 16)))
+    with pytest.raises(ValueError, match=r"^kernel: shape=\(64, 32\) pattern hinm:32:0.5:2:4: activation='tanh'"):
+        w = normal(seed=0, shape=(64, 32))
+        sw = compress({"w": w}, prune({"w": w}, PATTERN))["w"]
+        layers.dense_general(jnp.ones((2, 64)), sw, activation="tanh")
+
+
+def test_nnx_sparse_linear_activation():
+    lin = nnx.Linear(64, 32, rngs=nnx.Rngs(0))
+    mask = prune({"kernel": lin.kernel[...]}, PATTERN)["kernel"]
+    sparse = layers.SparseLinear.from_linear(lin, mask)
+    gelu = layers.SparseLinear(sparse.kernel.get_value(), sparse.bias[...], activation="gelu")
+    x = normal(seed=3, shape=(7, 64))
+    assert_close(gelu(x), jax.nn.gelu(sparse(x), approximate=False))
+    with pytest.raises(ValueError, match="activation='tanh'"):
+        layers.SparseLinear(sparse.kernel.get_value(), activation="tanh")
+
+
 def test_linen_dtype_follows_flax_promotion():
     model = nn.Dense(64, dtype=jnp.bfloat16)
     x = normal(seed=1, shape=(4, 64))

@@ -6,6 +6,7 @@ The cpu kernel's own suite (both schedules, every pattern, builds) is tests/test
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,32 @@ def test_leading_batch_dims_bias_and_jit(impl):
     np.testing.assert_allclose(y, x @ sw.densify() + bias, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("t", [0, 1, 7, 40])
+def test_activation_after_the_bias(impl, activation, t):
+    """``activation(x @ W + b)``, the exact GELU included: the cpu kernel applies it in its epilogue
+    (both schedules: T = 1, 7 rows, T = 40 tokens), the other implementations after the product."""
+    sw = _sparse(64, 64, HiNM(32, 0.5, 2, 4), jnp.float32)
+    x = 3 * jax.random.normal(jax.random.key(t), (t, 64))
+    bias = jnp.linspace(-2.0, 2.0, 64)
+    y = jax.jit(lambda x, w: _matmul(x, w, impl, bias=bias, activation=activation))(x, sw)
+    pre = np.asarray(x, np.float64) @ np.asarray(sw.densify(), np.float64) + np.asarray(bias, np.float64)
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+    want = np.maximum(pre, 0) if activation == "relu" else pre * 0.5 * (1 + erf(pre / math.sqrt(2)))
+    assert y.shape == (t, 64)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_through_the_activation(impl):
+    sw = _sparse(64, 64, HiNM(32, 0.5, 2, 4), jnp.float32)
+    x = jax.random.normal(jax.random.key(0), (5, 64))
+    b = jnp.linspace(-1.0, 1.0, 64)
+    g = jax.grad(lambda x, b: jnp.sum(jnp.sin(_matmul(x, sw, impl, bias=b, activation="gelu"))), argnums=(0, 1))(x, b)
+    want = jax.grad(lambda x, b: jnp.sum(jnp.sin(jax.nn.gelu(x @ sw.densify() + b, approximate=False))), argnums=(0, 1))(x, b)
+    for got, w in zip(g, want):
+        np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)
+
+
 def test_gradient_in_x(impl):
     sw = _sparse(64, 64, HiNM(32, 0.5, 2, 4), jnp.float32)
     x = jax.random.normal(jax.random.key(0), (5, 64))
@@ -153,6 +180,10 @@ def test_bad_inputs():
         hinm_jax.sparse_matmul(jnp.ones((3, 64)), sw, implementation="tpu")
     with pytest.raises(TypeError, match="expected a SparseWeight"):
         hinm_jax.sparse_matmul(jnp.ones((3, 64)), jnp.ones((64, 64)))
+    with pytest.raises(ValueError, match=r"w: shape=\(64, 64\) pattern hinm:32:0.5:2:4: activation='tanh': expected None or one of"):
+        hinm_jax.sparse_matmul(jnp.ones((3, 64)), sw, activation="tanh")
+    with pytest.raises(TypeError, match=r"w: shape=\(64, 64\) pattern hinm:32:0.5:2:4: activation=<.*>: expected None"):
+        hinm_jax.sparse_matmul(jnp.ones((3, 64)), sw, activation=jax.nn.relu)
     w = jax.random.normal(jax.random.key(0), (2, 64, 32))
     stacked = hinm_jax.compress({"w": w}, hinm_jax.prune({"w": w}, "2:4", stack_axes=1))["w"]
     with pytest.raises(ValueError, match="stack_axes=1"):

@@ -45,6 +45,15 @@ def test_linen_input_norms_are_the_activation_norms():
     np.testing.assert_allclose(norms["Dense_1/kernel"], jnp.linalg.norm(h, axis=0), rtol=1e-5)
 
 
+def test_dense_with_activation_is_captured_once_per_call():
+    """layers.Dense calls nn.Dense.__call__ through super(): its input counts once, as nn.Dense's does."""
+    batches = [jnp.array([[3.0, 0.0, 1.0]]), jnp.array([[4.0, 0.0, 0.0]])]
+    for model in (nn.Dense(4), layers.Dense(4, activation="gelu")):
+        variables = model.init(jax.random.key(0), batches[0])
+        norms = scores.input_norms(model, batches, variables)
+        np.testing.assert_allclose(norms["kernel"], [5.0, 0.0, 1.0])
+
+
 @pytest.mark.parametrize("kind", ["linen", "nnx"])
 def test_input_norms_row_weights_drop_padding_rows(kind):
     """Rows with weight 0 (padding) do not count; weight 4 counts a row twice in norm."""

@@ -20,7 +20,8 @@ H*D)`` matrix it computes: :func:`fold_features` reshapes such kernels before pr
 and :func:`unfold_features` restores the dense leaves after compression.
 
 Modules: :mod:`~hinm_jax.layers.functional` (the ops: :func:`dense_general`, :func:`conv`,
-:func:`patch_order`), :mod:`~hinm_jax.layers.linen` (:func:`sparse_inference`),
+:func:`patch_order`), :mod:`~hinm_jax.layers.linen` (:func:`sparse_inference`, :class:`Dense`: ``nn.Dense`` with
+an activation that sparse inference fuses into the kernel),
 :mod:`~hinm_jax.layers.nnx` (:class:`SparseLinear`, :class:`SparseConv`,
 :func:`to_inference`), :mod:`~hinm_jax.layers.features` (:func:`fold_features`).
 
@@ -40,11 +41,12 @@ Example:
 
 from hinm_jax.layers.features import fold_features, unfold_features
 from hinm_jax.layers.functional import ConvSpec, DenseFallbackWarning, conv, conv_patches, dense_general, patch_order
-from hinm_jax.layers.linen import sparse_inference
+from hinm_jax.layers.linen import Dense, sparse_inference
 from hinm_jax.layers.nnx import Conversion, SparseConv, SparseLinear, SparseParam, conversion_report, to_inference
 
 __all__ = [
     "sparse_inference",
+    "Dense",
     "to_inference",
     "conversion_report",
     "Conversion",

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from hinm_jax import _activation
 from hinm_jax.format import SparseWeight
 from hinm_jax.ops import sparse_matmul
 
@@ -72,9 +73,10 @@ def dense_general(
     dtype=None,
     implementation: str | None = None,
     path: str = "kernel",
+    activation: str | None = None,
 ):
     """``DenseGeneral`` with a compressed kernel: contracts ``x``'s ``axis`` with the
-    kernel's input axes, output axes ``features`` last.
+    kernel's input axes, output axes ``features`` last, then applies ``activation``.
 
     Args:
       x: activations.
@@ -87,6 +89,8 @@ def dense_general(
         flax does).
       implementation: passed to :func:`hinm_jax.sparse_matmul`.
       path: the kernel's path, named in errors.
+      activation: ``None``, ``"relu"`` or ``"gelu"`` (exact), applied after the bias
+        (fused into the ``"cpu"`` kernel, see :func:`hinm_jax.sparse_matmul`).
 
     Returns:
       ``x``'s other axes followed by ``features``.
@@ -126,6 +130,7 @@ def dense_general(
         )
     if bias is not None and _prod(jnp.shape(bias)) != o:
         raise ValueError(f"{path}: bias shape={tuple(jnp.shape(bias))} does not match features {features}")
+    _activation.check(activation, f"{path}: shape={w.shape} pattern {w.pattern}")
     dt = _result_dtype(dtype, x, w.values, bias)
     x = x.astype(dt)
     w = _cast_weight(w, dt)
@@ -133,7 +138,7 @@ def dense_general(
     n = len(axis)
     xt = jnp.moveaxis(x, axis, tuple(range(x.ndim - n, x.ndim)))
     lead = xt.shape[: x.ndim - n]
-    y = sparse_matmul(xt.reshape(lead + (k,)), w, bias=b, implementation=implementation)
+    y = sparse_matmul(xt.reshape(lead + (k,)), w, bias=b, activation=activation, implementation=implementation)
     return y.reshape(lead + features)
 
 

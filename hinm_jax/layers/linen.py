@@ -8,11 +8,39 @@ from typing import Mapping
 
 from flax import linen as nn
 
+from hinm_jax import _activation
 from hinm_jax._capture import kernel_path
 from hinm_jax.format import SparseWeight
 from hinm_jax.layers.functional import ConvSpec, DenseFallbackWarning, _dense_conv, _tuple, conv, dense_general
 
-__all__ = ["sparse_inference"]
+__all__ = ["Dense", "sparse_inference"]
+
+
+class Dense(nn.Dense):
+    """``nn.Dense`` followed by an activation, which :func:`sparse_inference` fuses into
+    the sparse product (the ``"cpu"`` kernel applies it to each output as it writes it,
+    instead of a separate pass over the whole output).
+
+    The parameters are ``nn.Dense``'s (``kernel``, ``bias``), so pruning, compression and
+    checkpoints treat it as one; with a dense kernel it computes
+    ``activation(nn.Dense(...)(x))``.
+
+    Attributes:
+      activation: ``None``, ``"relu"`` or ``"gelu"`` (exact, through erf).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> layer = Dense(64, activation="gelu")
+        >>> params = layer.init(jax.random.key(0), jnp.ones((2, 128)))["params"]
+        >>> sorted(params)
+        ['bias', 'kernel']
+    """
+
+    activation: str | None = None
+
+    def __call__(self, inputs):
+        _activation.check(self.activation, "/".join(str(p) for p in self.scope.path) or self.name or type(self).__name__)
+        return _activation.apply(self.activation, super().__call__(inputs))
 
 
 def _own_params(module) -> dict:
@@ -40,6 +68,7 @@ def _linen_call(module, params, args, kwargs, path: str, implementation):
         return dense_general(
             x, w, bias, axis=-1, features=(module.features,), dtype=module.dtype,
             implementation=implementation, path=kpath,
+            activation=module.activation if isinstance(module, Dense) else None,
         )
     if isinstance(module, nn.DenseGeneral):
         if _tuple(module.batch_dims):
@@ -72,7 +101,8 @@ def _linen_call(module, params, args, kwargs, path: str, implementation):
 @contextlib.contextmanager
 def sparse_inference(implementation: str | None = None):
     """Runs linen ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Conv`` layers whose kernel is
-    a :class:`~hinm_jax.SparseWeight` through :func:`hinm_jax.sparse_matmul`.
+    a :class:`~hinm_jax.SparseWeight` through :func:`hinm_jax.sparse_matmul`; a
+    :class:`Dense` passes its activation to it (fused into the ``"cpu"`` kernel).
 
     Layers with a dense kernel run unchanged, so a partly compressed tree works. Any
     other module holding a ``SparseWeight`` parameter raises a ``ValueError`` naming

