@@ -28,7 +28,9 @@ MiniLM-L6 end to end: the demo's sentences (``examples/data/sentences.txt``), ba
 64, encoded by the dense model and by the same model with every encoder ``Dense`` kernel
 pruned to HiNM and compressed (``hinm_jax.sparse_inference()``, packed once), interleaved; once
 with the identity layout and once with a 2CP layout (permuted output rows and inputs, as the
-demo's model has).
+demo's model has). The model's intermediate layers carry their GELU as a
+``hinm_jax.layers.Dense(activation="gelu")``: the dense model applies it after XLA's dot, the
+compressed one in the kernel's epilogue.
 """
 
 from __future__ import annotations
