@@ -70,11 +70,11 @@ def test_check_and_timing_code_runs_with_a_stand_in_backend(monkeypatch):
     """run_checks and run_timing end to end on CPU: cuda replaced by the reference, pallas
     in interpret mode. A planted error in the stand-in must be reported as a failure."""
     bench = _load(["--quick", "--min-time", "0.001", "--l2-bytes", "1"])
-    from hinm_jax import _cuda, _xla
+    from hinm_jax import _activation, _cuda, _xla
 
-    def stand_in(x, w, bias=None):
+    def stand_in(x, w, bias=None, activation=None):
         y = _xla.matmul(x, w)
-        return y if bias is None else (y + bias).astype(y.dtype)
+        return _activation.apply(activation, y if bias is None else (y + bias).astype(y.dtype))
 
     monkeypatch.setattr(_cuda, "is_available", lambda: True)
     monkeypatch.setattr(_cuda, "matmul", stand_in)
@@ -94,7 +94,7 @@ def test_check_and_timing_code_runs_with_a_stand_in_backend(monkeypatch):
     text = bench.table(["header"], rows, times, None, small, 1.0, 1.0)
     assert "ALL CHECKS PASSED" in text and "hinm64" in text
 
-    monkeypatch.setattr(_cuda, "matmul", lambda x, w, bias=None: stand_in(x, w, bias) * 1.1)  # a wrong kernel
+    monkeypatch.setattr(_cuda, "matmul", lambda x, w, bias=None, activation=None: stand_in(x, w, bias, activation) * 1.1)  # a wrong kernel
     bench.run_checks(dataclasses.replace(small, check_cases=small.check_cases[:1]), pallas=False)
     assert any("cuda check" in f for f in bench.TALLY.failures)
     assert f"{len(bench.TALLY.failures)} FAILED" in bench.table(["header"], [], [], None, small, 1.0, 1.0)
