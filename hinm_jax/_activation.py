@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["ACTIVATIONS", "check", "apply", "gelu"]
@@ -52,6 +51,4 @@ def check(activation, where: str) -> None:
 
 def apply(activation: str | None, y):
     """``activation(y)`` (``y`` unchanged for ``None``), in ``y``'s dtype."""
-    if activation is None:
-        return y
-    return _FUNCTIONS[activation](y).astype(jnp.result_type(y))
+    return y if activation is None else _FUNCTIONS[activation](y)

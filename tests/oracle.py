@@ -1,7 +1,9 @@
-"""An independent numpy oracle of SPEC's mask semantics (loops, stable sorts)."""
+"""An independent numpy oracle of SPEC's mask semantics (loops, stable sorts), and of the
+activations a sparse product applies (float64)."""
 
 from __future__ import annotations
 
+import math
 
 import numpy as np
 
@@ -61,3 +63,16 @@ def oracle_hss(score, levels):
             group = new_group
             unit *= m
     return keep.T
+
+
+_ERF = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def oracle_activation(activation, y):
+    """``activation(y)`` in float64: ``None``, ``"relu"`` or the exact GELU ``y * (1 + erf(y / sqrt 2)) / 2``."""
+    y = np.asarray(y, np.float64)
+    if activation == "relu":
+        return np.maximum(y, 0.0)
+    if activation == "gelu":
+        return y * 0.5 * (1.0 + _ERF(y / math.sqrt(2.0)))
+    return y

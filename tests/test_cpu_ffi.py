@@ -8,7 +8,6 @@ permuted layouts, bias and float32 / bfloat16 mixes; the build for other instruc
 """
 
 import dataclasses
-import math
 import os
 import platform
 import subprocess
@@ -28,6 +27,7 @@ from cpu_ffi import packing
 from hinm_jax import NM, HiNM, VectorWise, _cpu
 from hinm_jax.format import pack_metadata
 from hinm_jax.ops import reference_matmul
+from oracle import oracle_activation
 
 pytestmark = pytest.mark.skipif(not _cpu.is_available(), reason="the CPU kernel does not build here")
 
@@ -54,22 +54,10 @@ def _rel_err(y, ref):
     return float(np.max(np.abs(y - ref)) / max(np.max(np.abs(ref)), 1e-30)) if ref.size else 0.0
 
 
-_ERF = np.vectorize(math.erf, otypes=[np.float64])
-
-
-def _activate(activation, y):
-    """The activations of the kernel's epilogue in float64."""
-    if activation == "relu":
-        return np.maximum(y, 0.0)
-    if activation == "gelu":
-        return y * 0.5 * (1.0 + _ERF(y / math.sqrt(2.0)))
-    return y
-
-
 def _oracle(x, sw, bias=None, activation=None):
     """float64 ``activation(x @ densify(w) (+ bias))`` in numpy."""
     y = np.asarray(x, np.float64) @ np.asarray(sw.densify().astype(jnp.float32), np.float64)
-    return _activate(activation, y if bias is None else y + np.asarray(bias, np.float64))
+    return oracle_activation(activation, y if bias is None else y + np.asarray(bias, np.float64))
 
 
 def _tol(*dtypes):
@@ -314,7 +302,7 @@ def test_epilogue_gelu_is_the_exact_gelu_everywhere(mode, permuted):
                                                   activation=act), np.float64)
         pre, y = run(None), run("gelu")
         with np.errstate(invalid="ignore", over="ignore"):
-            want = _activate("gelu", pre)
+            want = oracle_activation("gelu", pre)
         fin = np.isfinite(pre)
         assert np.abs(pre[fin]).max() > 20
         assert np.all(np.abs(y[fin] - want[fin]) <= 6e-7 * np.maximum(1.0, np.abs(pre[fin])))
