@@ -4,7 +4,9 @@ Plain arrays in, plain arrays out; no dependency on ``hinm_jax``. Modules:
 
 - :mod:`cpu_ffi.packing`: canonical compressed format -> the kernel's layout, once.
 - :mod:`cpu_ffi.build`: C++ build on first use into a per-user cache, for the host's ISA.
-- :mod:`cpu_ffi.ffi`: FFI registration (platform cpu) and :func:`spmm` via ``jax.ffi.ffi_call``.
+- :mod:`cpu_ffi.ffi`: FFI registration (platform cpu), :func:`spmm` (one layer), :func:`spmm_many`
+  (products of one input in one call) and :func:`ffn` (a feed-forward block of two layers in one
+  call) via ``jax.ffi.ffi_call``.
 
 Importing this package never compiles anything.
 
@@ -16,7 +18,32 @@ Example:
 """
 
 from cpu_ffi.build import BuildError, find_compiler
-from cpu_ffi.ffi import ACTIVATIONS, MODES, TARGET_NAME, default_mode, isa, register, spmm
+from cpu_ffi.ffi import (
+    ACTIVATIONS,
+    LAYERS_TARGET_NAME,
+    MODES,
+    TARGET_NAME,
+    default_mode,
+    ffn,
+    isa,
+    register,
+    spmm,
+    spmm_many,
+)
 from cpu_ffi.packing import pack
 
-__all__ = ["pack", "spmm", "register", "isa", "default_mode", "MODES", "ACTIVATIONS", "TARGET_NAME", "BuildError", "find_compiler"]
+__all__ = [
+    "pack",
+    "spmm",
+    "spmm_many",
+    "ffn",
+    "register",
+    "isa",
+    "default_mode",
+    "MODES",
+    "ACTIVATIONS",
+    "TARGET_NAME",
+    "LAYERS_TARGET_NAME",
+    "BuildError",
+    "find_compiler",
+]

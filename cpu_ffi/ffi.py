@@ -17,9 +17,26 @@ import numpy as np
 
 from cpu_ffi import build as _build
 
-__all__ = ["TARGET_NAME", "MODES", "library", "register", "isa", "bf16_dot", "lanes", "tile_tokens", "default_mode", "spmm"]
+__all__ = [
+    "TARGET_NAME",
+    "LAYERS_TARGET_NAME",
+    "MODES",
+    "library",
+    "register",
+    "isa",
+    "bf16_dot",
+    "lanes",
+    "tile_tokens",
+    "default_mode",
+    "spmm",
+    "spmm_many",
+    "ffn",
+]
 
 TARGET_NAME = "hinm_spmm_cpu"
+# Several layers in one call of the tokens schedule: products of one input (spmm_many), or a feed-forward
+# block of two whose intermediate activations stay in the kernel's tile layout (ffn).
+LAYERS_TARGET_NAME = "hinm_layers_cpu"
 MODES = ("rows", "tokens")  # mode 0: packed rows in vector lanes; mode 1: tokens in vector lanes
 # The epilogue's activations, in the order of the kernel's codes (Act in hinm_spmm_cpu.cc).
 ACTIVATIONS = (None, "relu", "gelu")
@@ -49,13 +66,15 @@ def library(path: str | None = None) -> ctypes.CDLL:
 
 @functools.cache
 def register(path: str | None = None) -> None:
-    """Builds if needed and registers the handler as ``hinm_spmm_cpu`` for platform cpu (once).
+    """Builds if needed and registers the handlers ``hinm_spmm_cpu`` and ``hinm_layers_cpu`` for
+    platform cpu (once).
 
     Raises:
       BuildError: no compiler, or the build failed.
     """
     lib = library(path)
     jax.ffi.register_ffi_target(TARGET_NAME, jax.ffi.pycapsule(lib.HinmSpmmCpu), platform="cpu")
+    jax.ffi.register_ffi_target(LAYERS_TARGET_NAME, jax.ffi.pycapsule(lib.HinmLayersCpu), platform="cpu")
 
 
 def isa() -> str:
@@ -88,6 +107,13 @@ def default_mode(tokens: int, dtype=jnp.float32) -> str:
     return "rows" if tokens < start else "tokens"
 
 
+def _layer(packed: dict, bias) -> tuple:
+    if bias is None:
+        bias = jnp.zeros((0,), jnp.float32)
+    keys = ("values", "positions", "inputs", "vector_index", "row_perm")
+    return tuple(packed[key] for key in keys) + (jnp.asarray(bias, jnp.float32),)
+
+
 def spmm(x, packed: dict, *, n: int, m: int, vector_size: int, out_dtype, bias=None, mode: str | None = None,
          activation: str | None = None):
     """``y (T, O)``: ``y[t, row_perm[r]] = sum of the packed row r's values times x[t, its inputs]``.
@@ -112,20 +138,75 @@ def spmm(x, packed: dict, *, n: int, m: int, vector_size: int, out_dtype, bias=N
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r}: expected one of {ACTIVATIONS}")
-    if bias is None:
-        bias = jnp.zeros((0,), jnp.float32)
     call = jax.ffi.ffi_call(TARGET_NAME, jax.ShapeDtypeStruct((t, o), out_dtype))
     return call(
         x,
-        packed["values"],
-        packed["positions"],
-        packed["inputs"],
-        packed["vector_index"],
-        packed["row_perm"],
-        jnp.asarray(bias, jnp.float32),
+        *_layer(packed, bias),
         n=np.int64(n),
         m=np.int64(m),
         vector_size=np.int64(vector_size),
         mode=np.int64(MODES.index(mode)),
         activation=np.int64(ACTIVATIONS.index(activation)),
     )
+
+
+def _layers(x, packed: tuple, shapes: tuple, biases: tuple, activations: tuple, outputs: tuple, chained: bool):
+    for activation in activations:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r}: expected one of {ACTIVATIONS}")
+    t = x.shape[0]
+    call = jax.ffi.ffi_call(LAYERS_TARGET_NAME, tuple(jax.ShapeDtypeStruct((t, o), jnp.float32) for o in outputs))
+    args = [a for p, b in zip(packed, biases) for a in _layer(p, b)]
+    return call(
+        x,
+        *args,
+        n=np.array([s[0] for s in shapes], np.int64),
+        m=np.array([s[1] for s in shapes], np.int64),
+        vector_size=np.array([s[2] for s in shapes], np.int64),
+        activation=np.array([ACTIVATIONS.index(a) for a in activations], np.int64),
+        chained=np.int64(chained),
+    )
+
+
+def spmm_many(x, packed: tuple[dict, ...], *, shapes: tuple[tuple[int, int, int], ...], biases=None, activations=None):
+    """``(y_1, ..., y_L)``, ``y_l = activation_l(x W_l + bias_l)``: up to 4 products of one ``x`` in one
+    call of the tokens schedule (``x`` transposed into tiles once, for all of them).
+
+    Args:
+      x: ``(T, K)`` float32.
+      packed: :func:`cpu_ffi.packing.pack`'s dicts, one per weight ``(K, O_l)``: all float32 values or all
+        bfloat16 values in the same layout, all with ``inputs`` (``K`` at most 65536).
+      shapes: ``(n, m, vector_size)`` per weight, as :func:`spmm`'s.
+      biases: ``None`` or one ``(O_l,)`` float32 or ``None`` per weight.
+      activations: ``None`` or one activation per weight, as :func:`spmm`'s.
+
+    Returns:
+      a tuple of ``(T, O_l)`` float32. The library must be registered (:func:`register`). Runs under ``jit``.
+    """
+    biases = biases or (None,) * len(packed)
+    activations = activations or (None,) * len(packed)
+    outputs = tuple(p["row_perm"].shape[0] for p in packed)
+    return tuple(_layers(x, tuple(packed), tuple(shapes), tuple(biases), tuple(activations), outputs, False))
+
+
+def ffn(x, packed1: dict, packed2: dict, *, shapes: tuple[tuple[int, int, int], tuple[int, int, int]], bias1=None,
+        bias2=None, activation: str | None = None):
+    """``y (T, O) = activation(x W1 + bias1) W2 + bias2``: two layers in one call of the tokens schedule,
+    the intermediate activations ``(T, H)`` passed from the first layer to the second in the kernel's
+    tile layout (float32), never written out whole.
+
+    Args:
+      x: ``(T, K)`` float32.
+      packed1, packed2: :func:`cpu_ffi.packing.pack`'s dicts of ``W1`` ``(K, H)`` and ``W2`` ``(H, O)``,
+        both with float32 values or both with bfloat16 values in the same layout, both with ``inputs``
+        (``K`` and ``H`` at most 65536).
+      shapes: ``((n1, m1, vector_size1), (n2, m2, vector_size2))``, as :func:`spmm`'s.
+      bias1, bias2: ``(H,)`` and ``(O,)`` float32, or ``None``.
+      activation: of the first layer, as :func:`spmm`'s.
+
+    Returns:
+      ``(T, O)`` float32. The library must be registered (:func:`register`). Runs under ``jit``.
+    """
+    outputs = (packed2["row_perm"].shape[0],)
+    (y,) = _layers(x, (packed1, packed2), tuple(shapes), (bias1, bias2), (activation, None), outputs, True)
+    return y

@@ -1,4 +1,4 @@
-// HiNM / N:M sparse x dense product on the CPU, as an XLA FFI handler ("hinm_spmm_cpu").
+// HiNM / N:M sparse x dense product on the CPU, as XLA FFI handlers ("hinm_spmm_cpu", "hinm_layers_cpu").
 //
 //   y[t, perm[b*V + r]] = sum_i vals[b, r, i] * x[t, vidx[b, (i / n) * m + pos[b, r, i]]]  (+ bias)
 //
@@ -44,6 +44,12 @@
 // (permute_out, put16). Work is split into units (block pieces x token tiles) taken from an atomic counter
 // by the calling thread and, in calls large enough (kParallelFrom), by tasks on XLA's intra-op
 // thread pool (ffi::ThreadPool), so the kernel uses every core the dense dot it replaces would use.
+// A second handler, hinm_layers_cpu, runs several layers of float32 activations in one call of mode 1
+// (run_tokens): up to kMaxLayers products of one x (an attention layer's query, key and value: x is
+// transposed into tiles once for all of them), or a feed-forward block of two, whose first layer writes
+// its activated outputs straight into the second layer's x^T tiles (rows of tokens are what its
+// accumulators hold) a group of tiles at a time, so that the intermediate activations are never written
+// out whole nor transposed back. Each output is the same, bit for bit, as one call per layer.
 // bf16 activations with pair-layout weights use the AVX-512 BF16 dot product (vdpbf16ps: two
 // multiply-adds per lane) where the build has it; other bf16 inputs are widened to fp32 on load.
 // bf16 outputs are rounded to nearest even.
@@ -270,6 +276,11 @@ struct Problem {
   const int32_t* inv;             // output channel -> packed row (the inverse of perm); set: staged
   std::atomic<int32_t>* tile_done;  // units finished per tile, with stage
   int64_t pieces;                 // units per tile (mode 1)
+  // The first layer of a feed-forward block (hinm_ffn_cpu, mode 1): its outputs, activated, are written
+  // as the second layer's x^T (tile_rows(ht, slot, o, xt_stride), row = output channel) instead of y:
+  // rows of kTile tokens, so a unit's partial sums go there as they are, in any row order (no transposes
+  // and no staging), and they stay in the caches for the second layer's units. nullptr: write y.
+  float* ht;
   bool direct;          // a single block whose vector index is 0..K-1
   // float32 outputs of kStreamFrom bytes or more are written by put16 with streaming stores: they
   // would not stay in a core's L2, and skipping the read for ownership of each line made MiniLM-L6
@@ -913,6 +924,20 @@ __attribute__((noinline)) void stage_unit(const Problem& p, int64_t b, int64_t g
   if (p.tile_done[tile].fetch_add(1, std::memory_order_acq_rel) + 1 == p.pieces) permute_out<Y, Dot>(p, tile);
 }
 
+// A unit's rows of one token tile (packed rows g0 * kGroup .. + rows of block b, partial sums acc[r * stride
+// + lane]) into the feed-forward block's h^T: row perm[r] = act(acc + bias), all kTile lanes (lanes past the
+// last token hold act(bias); the second layer's outputs of those lanes are not written).
+inline void put_ht(const Problem& p, int64_t b, int64_t g0, int64_t rows, int64_t tile, const float* acc, int64_t stride) {
+  float* ht = tile_rows(p.ht, xt_slot(p, tile), p.o, p.xt_stride);
+  const int32_t* perm = p.perm + b * p.v + g0 * kGroup;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t c = perm[r];
+    const vf bv = splat(p.bias ? p.bias[c] : 0.0f);
+    float* dst = ht + c * p.xt_stride;
+    for (int u = 0; u < kTile / L; ++u) storef(dst + u * L, activate(p, loadf(acc + r * stride + u * L) + bv));
+  }
+}
+
 // The end of a unit of mode 1 for one token tile (packed rows g0 * kGroup .. + rows of block b, partial
 // sums acc[r * stride + lane]): writes y directly when the rows' channels are consecutive; otherwise
 // stages the rows, and the unit that completes the tile writes the whole tile (permute_out). Scattered
@@ -920,6 +945,7 @@ __attribute__((noinline)) void stage_unit(const Problem& p, int64_t b, int64_t g
 // tile running on two cores would write into the same lines.
 template <class Y, bool Dot>
 void finish_unit(const Problem& p, int64_t b, int64_t g0, int64_t rows, int64_t tile, const float* acc, int64_t stride = kTile) {
+  if (p.ht) return put_ht(p, b, g0, rows, tile, acc, stride);
   if (!p.stage) {
     const int64_t t0 = tile * kTile, cnt = std::min<int64_t>(kTile, p.t - t0), c0 = p.perm[b * p.v + g0 * kGroup];
     int64_t r0 = 0;
@@ -1212,125 +1238,151 @@ inline int64_t groups_per_unit(const Problem& p, int64_t threads, int64_t tiles,
 constexpr double kParallelFrom = 1 << 20;       // multiply-adds
 constexpr double kParallelBytesFrom = 1 << 22;  // weight bytes (values and positions)
 
-// p.inv set: mode 1 stages the outputs (a permuted layout, see finish_unit).
+constexpr int64_t kTransposeInputs = 512;  // inputs per work item of x's transposes (both modes)
+
+// The threads a call uses: 1 below both (work: multiply-adds of all its layers, weight_bytes: their
+// values and positions), else every thread of the pool.
+template <class Pool>
+int64_t call_threads(Pool& pool, double work, double weight_bytes) {
+  if (work < kParallelFrom && weight_bytes < kParallelBytesFrom) return 1;
+  return std::max<int64_t>(1, pool.num_threads());
+}
+
+// The layers of one call of mode 1 (run_tokens): up to kMaxLayers products of the same x ("siblings",
+// such as an attention layer's query, key and value), or a feed-forward block of two ("chained").
+constexpr int kMaxLayers = 4;
+
+// Mode 1 (tokens in lanes) for `count` layers. Siblings (chained = false) all read the one x^T, each
+// writing its own output. A chain (count = 2): the first layer's outputs, activated, are the second
+// layer's x^T (Problem::ht), written by the first layer's units and read in place by the second's, a group
+// of token tiles at a time, so that the intermediate activations are never written to memory as a whole,
+// transposed from tokens-in-rows back into tiles, nor staged for a permuted layout. A layer that writes
+// y with p.inv set stages its outputs (see finish_unit).
 template <class X, class W, class Y, class Pool>
-void run(Problem p, int64_t mode, Pool& pool) {
+void run_tokens(Problem* ly, int count, bool chained, int64_t threads, Pool& pool) {
   // bfloat16 activations with pair-layout weights take the BF16 dot products where the CPU has them.
   constexpr bool dot = HINM_BF16_DOT && std::is_same_v<X, BF16> && W::pairs;
   constexpr double value_bytes = sizeof(typename W::T) + 1.0;  // a value and its position
   constexpr double indexed_bytes = sizeof(typename W::T) + sizeof(uint16_t);  // a value and its input index
-  if (!dot && !p.in) mode = 0;  // no input indices (K > 65536): the float32 units of mode 1 need them
-  const double work = double(p.o) * double(p.nnz) * double(p.t);
-  const bool alone = work < kParallelFrom && double(p.o) * double(p.nnz) * value_bytes < kParallelBytesFrom;
-  const int64_t threads = alone ? 1 : std::max<int64_t>(1, pool.num_threads());
-  constexpr int64_t kc = 512;  // inputs per transpose item
-  const int64_t kchunks = (p.k + kc - 1) / kc;
-  if (mode == 0) {
-    int64_t chunks = 0;  // x8 chunks for windows4
-#if HINM_LANES >= 8
-    if (!dot) chunks = windows4_chunks(p);
-#endif
-    const CallBuffer buffer(size_t(chunks * kX8 * p.k));
-    p.xt = buffer.data();
-#if HINM_LANES >= 8
-    if (chunks) {
-      parallel_for(pool, threads, chunks * kchunks, [&](int64_t u) {
-        const int64_t k0 = (u % kchunks) * kc;
-        transpose_x8<X>(p, u / kchunks, k0, std::min(p.k, k0 + kc), p.xt);
-      });
-    }
-#endif
-    const int64_t gpu = groups_per_unit(p, threads, 1, p.groups);
-    const int64_t per_block = (p.groups + gpu - 1) / gpu;
-    parallel_for(pool, threads, p.nb * per_block, [&](int64_t u) {
-      const int64_t b = u / per_block, g0 = (u % per_block) * gpu;
-#if HINM_BF16_DOT
-      if constexpr (dot) return unit_mode0_dot<Y>(p, b, g0, std::min(p.groups, g0 + gpu));
-#endif
-      unit_mode0<X, W, Y>(p, b, g0, std::min(p.groups, g0 + gpu));
-    });
-    return;
-  }
-  const int64_t tiles = (p.t + kTile - 1) / kTile;
+  Problem& first = ly[0];
+  auto reads_x = [&](int l) { return !chained || l == 0; };  // reads x^T (not h^T)
+  constexpr int64_t kc = kTransposeInputs;
+  const int64_t kchunks = (first.k + kc - 1) / kc;
+  const int64_t tiles = (first.t + kTile - 1) / kTile;
   // Units of the float32 loop take kSpan token tiles side by side where there are that many.
   const int64_t span = dot || tiles < kSpan ? 1 : kSpan, spans = (tiles + span - 1) / span;
-  const int64_t gpu = groups_per_unit(p, threads, spans, 4);
-  const int64_t per_block = (p.groups + gpu - 1) / gpu;
-  const int64_t pieces = p.nb * per_block;
   // Units in super-tiles: a group of pieces (about kSuperBytes of values and positions) times a
-  // group of token tiles (about kSuperBytes of x^T) is finished before the next, so that both
-  // stay in the caches while the units that share them run; walking all tiles of a piece, or all
-  // pieces of a tile, would stream one of the two from memory again and again at large T. A group
-  // of tiles is transposed right before its units, into the x^T ring (xt_slot).
+  // group of token tiles (about kSuperBytes of x^T, and of h^T in a chain) is finished before the
+  // next, so that both stay in the caches while the units that share them run; walking all tiles of a
+  // piece, or all pieces of a tile, would stream one of the two from memory again and again at large T.
+  // A group of tiles is transposed right before its units, into the x^T ring (xt_slot).
   // Float32 units read a value and its input index, BF16 dot units a value and its position.
-  const double piece_bytes = double(gpu * kGroup) * double(p.nnz) * (dot ? value_bytes : indexed_bytes);
-  const double span_bytes = double(p.k) * kTile * span * (dot ? 2 : 4);
-  const int64_t pg = std::clamp<int64_t>(int64_t(kSuperBytes / piece_bytes), 1, pieces);
+  int64_t gpu[kMaxLayers], per_block[kMaxLayers], pieces[kMaxLayers], pg[kMaxLayers], at[kMaxLayers + 1] = {0};
+  for (int l = 0; l < count; ++l) {
+    gpu[l] = groups_per_unit(ly[l], threads, spans, 4);
+    per_block[l] = (ly[l].groups + gpu[l] - 1) / gpu[l];
+    pieces[l] = ly[l].nb * per_block[l];
+    at[l + 1] = at[l] + pieces[l];  // the layer's units are items at[l] .. at[l + 1] - 1 of a span
+    const double piece_bytes = double(gpu[l] * kGroup) * double(ly[l].nnz) * (dot ? value_bytes : indexed_bytes);
+    pg[l] = std::clamp<int64_t>(int64_t(kSuperBytes / piece_bytes), 1, pieces[l]);
+  }
+  const int64_t rows_per_tile = first.k + (chained ? first.o : 0);  // rows of x^T (and h^T) per tile
+  const double span_bytes = double(rows_per_tile) * kTile * span * (dot ? 2 : 4);
   const int64_t sg = std::clamp<int64_t>(int64_t(kSuperBytes / span_bytes), 1, spans);
   const int64_t groups = (spans + sg - 1) / sg, group_size = sg * span;  // groups of tiles, tiles per group
-  p.ring_tiles = groups > kRing ? group_size : 0;
+  const int64_t ring_tiles = groups > kRing ? group_size : 0;
   // Float32 units of two tiles read both tiles' rows of an input as one row of a pair (xt_tile).
-  p.xt_stride = span == kSpan ? 2 * kTile : kTile;
+  const int64_t xt_stride = span == kSpan ? 2 * kTile : kTile;
   const int64_t whole = tiles + tiles % 2;  // tiles, a whole number of pairs
-  const int64_t slots = p.ring_tiles ? kRing * p.ring_tiles : whole;
-  const CallBuffer buffer(size_t((slots * p.k + (p.inv ? whole * p.o : 0)) * kTile));  // x^T, then the stage
-  p.xt = buffer.data();
-  std::unique_ptr<std::atomic<int32_t>[]> done;  // staged outputs: units finished per tile
-  if (p.inv) {
-    p.stage = p.xt + slots * p.k * kTile;
-    done.reset(new std::atomic<int32_t>[size_t(tiles)]());
-    p.tile_done = done.get();
+  const int64_t slots = ring_tiles ? kRing * ring_tiles : whole;
+  int64_t floats = slots * rows_per_tile;  // x^T, then h^T (a chain), then each staged layer's stage
+  for (int l = 0; l < count; ++l) floats += ly[l].inv ? whole * ly[l].o : 0;
+  const CallBuffer buffer(size_t(floats * kTile));
+  float* next = buffer.data() + slots * rows_per_tile * kTile;
+  std::unique_ptr<std::atomic<int32_t>[]> done[kMaxLayers];  // staged outputs: units finished per tile
+  for (int l = 0; l < count; ++l) {
+    Problem& p = ly[l];
+    p.ring_tiles = ring_tiles;
+    p.xt_stride = xt_stride;
+    p.xt = reads_x(l) ? buffer.data() : buffer.data() + slots * first.k * kTile;
+    if (chained && l == 0) p.ht = ly[1].xt = buffer.data() + slots * first.k * kTile;
+    if (p.inv) {
+      p.stage = next;
+      next += whole * p.o * kTile;
+      done[l].reset(new std::atomic<int32_t>[size_t(tiles)]());
+      p.tile_done = done[l].get();
+    }
+    p.pieces = pieces[l];
   }
-  p.pieces = pieces;
-  // Per group of tiles: transposes finished, units finished.
+  // Per group of tiles: transposes finished; units of each layer finished (finished[l * groups + g]).
   std::unique_ptr<std::atomic<int32_t>[]> ready(new std::atomic<int32_t>[size_t(groups)]());
-  std::unique_ptr<std::atomic<int32_t>[]> finished(new std::atomic<int32_t>[size_t(groups)]());
+  std::unique_ptr<std::atomic<int32_t>[]> finished(new std::atomic<int32_t>[size_t(count * groups)]());
   auto group_tiles = [&](int64_t g) { return std::min(tiles, (g + 1) * group_size) - g * group_size; };
   auto group_spans = [&](int64_t g) { return std::min(spans, (g + 1) * sg) - g * sg; };
-  std::vector<std::pair<int32_t, int32_t>> order;  // (span, piece) of a unit; (tile, -1 - k chunk) of a transpose
-  order.reserve(size_t(pieces * spans + tiles * kchunks));
+  // Items: (tile, -1 - k chunk) a transpose; (span, at[l] + piece) a unit of layer l.
+  std::vector<std::pair<int32_t, int32_t>> order;
+  order.reserve(size_t(at[count] * spans + tiles * kchunks));
   auto transposes = [&](int64_t g) {
     for (int64_t t = g * group_size; t < g * group_size + group_tiles(g); ++t)
       for (int64_t c = 0; c < kchunks; ++c) order.emplace_back(t, -1 - c);
+  };
+  auto units = [&](int l, int64_t g) {
+    const int64_t s0 = g * sg, s1 = s0 + group_spans(g);
+    for (int64_t p0 = 0; p0 < pieces[l]; p0 += pg[l])
+      for (int64_t sp = s0; sp < s1; ++sp)
+        for (int64_t piece = p0; piece < std::min(pieces[l], p0 + pg[l]); ++piece) order.emplace_back(sp, at[l] + piece);
   };
   // A group's transposes come before the units of the group before it, so that a unit seldom
   // waits for its inputs (the last transposes of its group running on the other thread) and a
   // transpose seldom waits for the units of the group kRing before: MiniLM-L6 2-12% faster end to
   // end with AVX2 than transposing each group right before its units with two slots
-  // (benchmarks/RESULTS.md).
+  // (benchmarks/RESULTS.md). Likewise the second layer of a chain runs a group after the first.
   transposes(0);
   for (int64_t g = 0; g < groups; ++g) {
-    const int64_t s0 = g * sg, s1 = s0 + group_spans(g);
     if (g + 1 < groups) transposes(g + 1);
-    for (int64_t p0 = 0; p0 < pieces; p0 += pg)
-      for (int64_t sp = s0; sp < s1; ++sp)
-        for (int64_t piece = p0; piece < std::min(pieces, p0 + pg); ++piece) order.emplace_back(sp, piece);
+    for (int l = 0; l < count; ++l)
+      if (reads_x(l)) units(l, g);
+    if (chained && g > 0) units(1, g - 1);
   }
-  // Items are taken in this order, so a transpose waits only for units already taken (those of the
-  // group kRing before, whose slots it reuses) and a unit only for its group's transposes (taken
-  // before the units of the group before).
+  if (chained) units(1, groups - 1);
+  auto wait = [&](int l, int64_t g, int64_t need) {
+    for (int64_t spins = 0; finished[size_t(l * groups + g)].load(std::memory_order_acquire) < need;) spin_pause(spins);
+  };
+  // Items are taken in this order, and each waits only for items taken before it: a transpose for the
+  // units that read x^T of the group kRing before (whose slots it reuses), a unit that reads x^T for its
+  // group's transposes (taken before the units of the group before) and, as the first layer of a chain,
+  // for the second layer's units of the group kRing before (whose h^T slots it reuses), the second
+  // layer of a chain for the first layer's units of its group.
   parallel_for(pool, threads, int64_t(order.size()), [&](int64_t u) {
     const auto [a, c] = order[size_t(u)];
     if (c < 0) {
       const int64_t g = a / group_size;
-      if (p.ring_tiles && g >= kRing) {
-        const int32_t need = int32_t(pieces * group_spans(g - kRing));
-        for (int64_t spins = 0; finished[size_t(g - kRing)].load(std::memory_order_acquire) < need;) spin_pause(spins);
-      }
-      const int64_t k0 = (-1 - c) * kc, k1 = std::min(p.k, k0 + kc);
+      if (ring_tiles && g >= kRing)
+        for (int l = 0; l < count; ++l)
+          if (reads_x(l)) wait(l, g - kRing, pieces[l] * group_spans(g - kRing));
+      const int64_t k0 = (-1 - c) * kc, k1 = std::min(first.k, k0 + kc);
       [&] {
 #if HINM_BF16_DOT
-        if constexpr (dot) return transpose_tile16(p, a, k0, k1);
+        if constexpr (dot) return transpose_tile16(first, a, k0, k1);
 #endif
-        transpose_tile<X>(p, a, k0, k1);
+        transpose_tile<X>(first, a, k0, k1);
       }();
       ready[size_t(g)].fetch_add(1, std::memory_order_release);
       return;
     }
-    const int64_t g = a / sg;
-    const int32_t need = int32_t(group_tiles(g) * kchunks);
-    for (int64_t spins = 0; ready[size_t(g)].load(std::memory_order_acquire) < need;) spin_pause(spins);
-    const int64_t b = c / per_block, g0 = (c % per_block) * gpu, g1 = std::min(p.groups, g0 + gpu), tile = a * span;
+    int l = 0;
+    while (c >= at[l + 1]) ++l;
+    const Problem& p = ly[l];
+    const int64_t g = a / sg, piece = c - at[l];
+    if (reads_x(l)) {
+      const int64_t need = group_tiles(g) * kchunks;
+      for (int64_t spins = 0; ready[size_t(g)].load(std::memory_order_acquire) < need;) spin_pause(spins);
+      if (chained && ring_tiles && g >= kRing) wait(1, g - kRing, pieces[1] * group_spans(g - kRing));
+    } else {
+      wait(0, g, pieces[0] * group_spans(g));
+    }
+    const int64_t b = piece / per_block[l], g0 = (piece % per_block[l]) * gpu[l], g1 = std::min(p.groups, g0 + gpu[l]);
+    const int64_t tile = a * span;
     [&] {
 #if HINM_BF16_DOT
       if constexpr (dot) return unit_mode1_dot<Y>(p, b, g0, g1, tile);
@@ -1338,7 +1390,43 @@ void run(Problem p, int64_t mode, Pool& pool) {
       if (span == kSpan && tile + kSpan <= tiles) return unit_mode1<W, Y, kSpan>(p, b, g0, g1, tile);
       for (int64_t t = tile; t < std::min(tiles, tile + span); ++t) unit_mode1<W, Y, 1>(p, b, g0, g1, t);
     }();
-    finished[size_t(g)].fetch_add(1, std::memory_order_release);
+    finished[size_t(l * groups + g)].fetch_add(1, std::memory_order_release);
+  });
+}
+
+// One layer. p.inv set: mode 1 stages the outputs (a permuted layout, see finish_unit).
+template <class X, class W, class Y, class Pool>
+void run(Problem p, int64_t mode, Pool& pool) {
+  constexpr bool dot = HINM_BF16_DOT && std::is_same_v<X, BF16> && W::pairs;
+  constexpr double value_bytes = sizeof(typename W::T) + 1.0;  // a value and its position
+  if (!dot && !p.in) mode = 0;  // no input indices (K > 65536): the float32 units of mode 1 need them
+  const int64_t threads =
+      call_threads(pool, double(p.o) * double(p.nnz) * double(p.t), double(p.o) * double(p.nnz) * value_bytes);
+  if (mode == 1) return run_tokens<X, W, Y>(&p, 1, false, threads, pool);
+  constexpr int64_t kc = kTransposeInputs;
+  const int64_t kchunks = (p.k + kc - 1) / kc;
+  int64_t chunks = 0;  // x8 chunks for windows4
+#if HINM_LANES >= 8
+  if (!dot) chunks = windows4_chunks(p);
+#endif
+  const CallBuffer buffer(size_t(chunks * kX8 * p.k));
+  p.xt = buffer.data();
+#if HINM_LANES >= 8
+  if (chunks) {
+    parallel_for(pool, threads, chunks * kchunks, [&](int64_t u) {
+      const int64_t k0 = (u % kchunks) * kc;
+      transpose_x8<X>(p, u / kchunks, k0, std::min(p.k, k0 + kc), p.xt);
+    });
+  }
+#endif
+  const int64_t gpu = groups_per_unit(p, threads, 1, p.groups);
+  const int64_t per_block = (p.groups + gpu - 1) / gpu;
+  parallel_for(pool, threads, p.nb * per_block, [&](int64_t u) {
+    const int64_t b = u / per_block, g0 = (u % per_block) * gpu;
+#if HINM_BF16_DOT
+    if constexpr (dot) return unit_mode0_dot<Y>(p, b, g0, std::min(p.groups, g0 + gpu));
+#endif
+    unit_mode0<X, W, Y>(p, b, g0, std::min(p.groups, g0 + gpu));
   });
 }
 
@@ -1365,20 +1453,23 @@ __attribute__((noinline)) bool consecutive_blocks(const int32_t* perm, int64_t n
   return same;
 }
 
-ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi::Buffer<ffi::U8> pos,
-                ffi::Buffer<ffi::U16> in, ffi::Buffer<ffi::S32> vidx, ffi::Buffer<ffi::S32> perm,
-                ffi::Buffer<ffi::F32> bias,
-                ffi::Result<ffi::AnyBuffer> y, int64_t n, int64_t m,
-                int64_t vector_size, int64_t mode, int64_t activation) {
-  const auto xd = x.dimensions(), vd = vals.dimensions(), id = vidx.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || vd.size() != 4 || id.size() != 2 || yd.size() != 2)
+// One layer's index and value arrays, checked against each other and against the layer's input (t, k)
+// and output (t, o) shapes, into p (all but x and y); inv: the inverse of perm (output channel ->
+// packed row). The indices are the packer's and were validated there; a damaged layout must still not
+// read or write outside x and y.
+ffi::Error prepare(Problem& p, int64_t t, int64_t k, int64_t o, ffi::AnyBuffer vals, ffi::Buffer<ffi::U8> pos,
+                   ffi::Buffer<ffi::U16> in, ffi::Buffer<ffi::S32> vidx, ffi::Buffer<ffi::S32> perm,
+                   ffi::Buffer<ffi::F32> bias, int64_t n, int64_t m, int64_t vector_size, int64_t mode,
+                   int64_t activation, std::vector<int32_t>& inv) {
+  const auto vd = vals.dimensions(), id = vidx.dimensions();
+  if (vd.size() != 4 || id.size() != 2)
     return ffi::Error::InvalidArgument(
-        "hinm_spmm_cpu: expected x (T, K), vals (nb, G, nnz, 16) or pairs (nb, G, nnz / 2, 32), vidx (nb, K_v), y (T, O)");
+        "hinm_spmm_cpu: expected vals (nb, G, nnz, 16) or pairs (nb, G, nnz / 2, 32), vidx (nb, K_v)");
   const bool pairs = vd[3] == 2 * kGroup;
-  Problem p;
-  p.t = xd[0];
-  p.k = xd[1];
-  p.o = yd[1];
+  p = Problem{};
+  p.t = t;
+  p.k = k;
+  p.o = o;
   p.nb = id[0];
   p.kv = id[1];
   p.v = vector_size;
@@ -1386,20 +1477,21 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   p.m = m;
   p.groups = vd[1];
   p.nnz = pairs ? 2 * vd[2] : vd[2];
-  if (yd[0] != p.t || vd[0] != p.nb || (vd[3] != kGroup && !pairs) || n < 1 || m < n || m > 255 || p.kv % m ||
+  if (vd[0] != p.nb || (vd[3] != kGroup && !pairs) || n < 1 || m < n || m > 255 || p.kv % m ||
       p.nnz != p.kv / m * n || p.groups * kGroup < p.v || (p.groups - 1) * kGroup >= p.v ||
       pos.element_count() != vals.element_count() ||
       (in.element_count() != 0 && in.element_count() != pos.element_count()) ||
       int64_t(perm.element_count()) != p.nb * p.v || p.nb * p.v != p.o || p.kv > p.k)
     return ffi::Error::InvalidArgument("hinm_spmm_cpu: inconsistent shapes");
-  if (pairs && (n != 2 || m != 4 || vals.element_type() != ffi::DataType::BF16))
+  const auto wt = vals.element_type();
+  if (wt != ffi::DataType::F32 && wt != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("hinm_spmm_cpu: dtypes must be float32 or bfloat16");
+  if (pairs && (n != 2 || m != 4 || wt != ffi::DataType::BF16))
     return ffi::Error::InvalidArgument("hinm_spmm_cpu: the pair layout holds bfloat16 values of 2:4 stripes");
   if (bias.element_count() != 0 && int64_t(bias.element_count()) != p.o)
     return ffi::Error::InvalidArgument("hinm_spmm_cpu: bias must have O entries or none");
-  if (mode != 0 && mode != 1) return ffi::Error::InvalidArgument("hinm_spmm_cpu: mode must be 0 or 1");
   if (activation != kNone && activation != kRelu && activation != kGelu)
     return ffi::Error::InvalidArgument("hinm_spmm_cpu: activation must be 0 (none), 1 (relu) or 2 (gelu)");
-  p.x = x.untyped_data();
   p.vals = vals.untyped_data();
   p.pos = pos.typed_data();
   p.in = in.element_count() ? in.typed_data() : nullptr;
@@ -1407,28 +1499,19 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   p.perm = perm.typed_data();
   p.bias = bias.element_count() ? bias.typed_data() : nullptr;
   p.act = activation;
-  p.y = y->untyped_data();
-  p.direct = false;
-  p.stream = p.t * p.o * int64_t(sizeof(float)) >= kStreamFrom;  // used by float32 outputs only
-  p.stage = nullptr;
-  p.inv = nullptr;
-  p.tile_done = nullptr;
-  p.pieces = 0;
-  p.ring_tiles = 0;
+  p.stream = t * o * int64_t(sizeof(float)) >= kStreamFrom;  // used by float32 outputs only
   p.xt_stride = kTile;
   if (p.nb == 1 && p.kv == p.k) {
     p.direct = true;
     for (int64_t j = 0; j < p.kv && p.direct; ++j) p.direct = p.vidx[j] == j;
   }
-  // Indices are the packer's and were validated there; a damaged layout must still not read or write
-  // outside x and y.
   if (largest(p.vidx, p.nb * p.kv) >= p.k) return ffi::Error::InvalidArgument("hinm_spmm_cpu: vector index out of range");
   if (largest(p.perm, p.o) >= p.o) return ffi::Error::InvalidArgument("hinm_spmm_cpu: row permutation out of range");
   // Mode 1's float32 units read x^T at each value's input index unchecked (mode 0 does not read them).
   if (mode == 1 && p.in && largest(p.in, int64_t(in.element_count())) >= p.k)
     return ffi::Error::InvalidArgument("hinm_spmm_cpu: input index out of range");
   // Every channel comes from exactly one packed row (permute_out reads inv[c] for each).
-  std::vector<int32_t> inv(size_t(p.o), -1);
+  inv.assign(size_t(p.o), -1);
   int32_t repeats = 0;
   for (int64_t r = 0; r < p.o; ++r) {
     int32_t& slot = inv[size_t(p.perm[r])];
@@ -1436,15 +1519,33 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
     slot = int32_t(r);
   }
   if (repeats) return ffi::Error::InvalidArgument("hinm_spmm_cpu: row permutation repeats a channel");
-  // Mode 1 stages the outputs when a block's rows go to non-consecutive channels (see finish_unit).
-  const bool staged = mode == 1 && !consecutive_blocks(p.perm, p.nb, p.v);
-  if (p.t == 0) return ffi::Error::Success();
-  if (staged) p.inv = inv.data();
+  return ffi::Error::Success();
+}
 
+ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi::Buffer<ffi::U8> pos,
+                ffi::Buffer<ffi::U16> in, ffi::Buffer<ffi::S32> vidx, ffi::Buffer<ffi::S32> perm,
+                ffi::Buffer<ffi::F32> bias,
+                ffi::Result<ffi::AnyBuffer> y, int64_t n, int64_t m,
+                int64_t vector_size, int64_t mode, int64_t activation) {
+  const auto xd = x.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || yd.size() != 2 || yd[0] != xd[0])
+    return ffi::Error::InvalidArgument("hinm_spmm_cpu: expected x (T, K), y (T, O)");
+  if (mode != 0 && mode != 1) return ffi::Error::InvalidArgument("hinm_spmm_cpu: mode must be 0 or 1");
+  Problem p;
+  std::vector<int32_t> inv;
+  if (auto e = prepare(p, xd[0], xd[1], yd[1], vals, pos, in, vidx, perm, bias, n, m, vector_size, mode, activation, inv);
+      e.failure())
+    return e;
   using ffi::DataType;
   const DataType xt = x.element_type(), wt = vals.element_type(), yt = y->element_type();
   auto ok = [](DataType d) { return d == DataType::F32 || d == DataType::BF16; };
-  if (!ok(xt) || !ok(wt) || !ok(yt)) return ffi::Error::InvalidArgument("hinm_spmm_cpu: dtypes must be float32 or bfloat16");
+  if (!ok(xt) || !ok(yt)) return ffi::Error::InvalidArgument("hinm_spmm_cpu: dtypes must be float32 or bfloat16");
+  if (p.t == 0) return ffi::Error::Success();
+  // Mode 1 stages the outputs when a block's rows go to non-consecutive channels (see finish_unit).
+  if (mode == 1 && !consecutive_blocks(p.perm, p.nb, p.v)) p.inv = inv.data();
+  p.x = x.untyped_data();
+  p.y = y->untyped_data();
+  const bool pairs = vals.dimensions()[3] == 2 * kGroup;
   using WF32 = Wts<F32, false>;
   using WBF16 = Wts<BF16, false>;
   using WBF16Pairs = Wts<BF16, true>;
@@ -1468,7 +1569,77 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
 #undef HINM_Y
 }
 
+// Several layers in one call of mode 1 (run_tokens), float32 x and outputs:
+//   chained = 0, siblings: y_l = act_l(x W_l + b_l) for each layer l (up to kMaxLayers), one output each;
+//   chained = 1, a chain of two: y = act_1(x W_1 + b_1) W_2 + b_2 (act_2 must be none), one output.
+// After x, the arguments are each layer's vals, pos, in, vidx, perm and bias in turn (as hinm_spmm_cpu's);
+// every weight float32, or every weight bfloat16 in the same layout; every layer with input indices.
+ffi::Error Layers(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                  ffi::Span<const int64_t> n, ffi::Span<const int64_t> m, ffi::Span<const int64_t> vector_size,
+                  ffi::Span<const int64_t> activation, int64_t chained) {
+  const size_t count = n.size();
+  auto invalid = [](const char* what) { return ffi::Error::InvalidArgument(std::string("hinm_layers_cpu: ") + what); };
+  if (count < 1 || count > size_t(kMaxLayers) || m.size() != count || vector_size.size() != count ||
+      activation.size() != count || args.size() != 6 * count || (chained != 0 && chained != 1) ||
+      (chained && (count != 2 || activation[1] != kNone)) || rets.size() != (chained ? 1 : count))
+    return invalid("expected 6 arguments and an n, m, vector_size and activation per layer; 2 layers and one output "
+                   "(no activation after the second layer) when chained, one output per layer otherwise");
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || x.element_type() != ffi::DataType::F32) return invalid("x must be float32 (T, K)");
+  const int64_t t = xd[0];
+  Problem ly[kMaxLayers];
+  std::vector<int32_t> inv[kMaxLayers];
+  int64_t k = xd[1];
+  ffi::DataType wt = ffi::DataType::F32;
+  int64_t last_axis = 0;
+  double per_token = 0.0;
+  for (size_t l = 0; l < count; ++l) {
+    const auto vals = args.get<ffi::AnyBuffer>(6 * l);
+    const auto pos = args.get<ffi::Buffer<ffi::U8>>(6 * l + 1);
+    const auto in = args.get<ffi::Buffer<ffi::U16>>(6 * l + 2);
+    const auto vidx = args.get<ffi::Buffer<ffi::S32>>(6 * l + 3);
+    const auto perm = args.get<ffi::Buffer<ffi::S32>>(6 * l + 4);
+    const auto bias = args.get<ffi::Buffer<ffi::F32>>(6 * l + 5);
+    if (!vals.has_value() || !pos.has_value() || !in.has_value() || !vidx.has_value() || !perm.has_value() ||
+        !bias.has_value())
+      return invalid("a layer's arguments are vals, pos (uint8), in (uint16), vidx, perm (int32), bias (float32)");
+    const bool writes_y = !chained || l == 1;
+    int64_t o = int64_t(perm->element_count());  // a chain's first layer: the hidden size
+    void* y = nullptr;
+    if (writes_y) {
+      auto out = rets.get<ffi::AnyBuffer>(chained ? 0 : l);
+      if (!out.has_value()) return invalid("outputs must be buffers");
+      const auto yd = (*out)->dimensions();
+      if (yd.size() != 2 || yd[0] != t || (*out)->element_type() != ffi::DataType::F32)
+        return invalid("outputs must be float32 (T, O)");
+      o = yd[1];
+      y = (*out)->untyped_data();
+    }
+    if (auto e = prepare(ly[l], t, k, o, *vals, *pos, *in, *vidx, *perm, *bias, n[l], m[l], vector_size[l], 1,
+                         activation[l], inv[l]);
+        e.failure())
+      return e;
+    ly[l].y = y;
+    if (!ly[l].in) return invalid("every layer needs input indices");
+    if (l == 0) wt = vals->element_type(), last_axis = vals->dimensions()[3];
+    if (vals->element_type() != wt || vals->dimensions()[3] != last_axis)
+      return invalid("every weight must have the same dtype and layout");
+    if (writes_y && !consecutive_blocks(ly[l].perm, ly[l].nb, ly[l].v)) ly[l].inv = inv[l].data();
+    ly[l].x = x.untyped_data();
+    per_token += double(ly[l].o) * double(ly[l].nnz);
+    if (chained) k = ly[l].o;  // the next layer's inputs
+  }
+  if (t == 0) return ffi::Error::Success();
+  const bool bf16 = wt == ffi::DataType::BF16, pairs = last_axis == 2 * kGroup;
+  const int64_t threads = call_threads(pool, per_token * double(t), per_token * (bf16 ? 3.0 : 5.0));
+  const int c = int(count);
+  if (!bf16) return run_tokens<F32, Wts<F32, false>, F32>(ly, c, chained, threads, pool), ffi::Error::Success();
+  if (pairs) return run_tokens<F32, Wts<BF16, true>, F32>(ly, c, chained, threads, pool), ffi::Error::Success();
+  return run_tokens<F32, Wts<BF16, false>, F32>(ly, c, chained, threads, pool), ffi::Error::Success();
+}
+
 }  // namespace hinm_cpu
+
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HinmSpmmCpu, hinm_cpu::Spmm,
                               ffi::Ffi::Bind()
@@ -1486,6 +1657,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HinmSpmmCpu, hinm_cpu::Spmm,
                                   .Attr<int64_t>("vector_size")
                                   .Attr<int64_t>("mode")
                                   .Attr<int64_t>("activation"));  // Act
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HinmLayersCpu, hinm_cpu::Layers,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x (T, K), float32
+                                  .RemainingArgs()        // per layer: vals, pos, in, vidx, perm, bias
+                                  .RemainingRets()        // y (T, O) float32: one per layer, or one (chained)
+                                  .Attr<ffi::Span<const int64_t>>("n")
+                                  .Attr<ffi::Span<const int64_t>>("m")
+                                  .Attr<ffi::Span<const int64_t>>("vector_size")
+                                  .Attr<ffi::Span<const int64_t>>("activation")  // Act, per layer
+                                  .Attr<int64_t>("chained"));
 
 // Host-callable facts about the build (ctypes): the vector width and the instruction set compiled.
 extern "C" int hinm_cpu_lanes() { return hinm_cpu::L; }

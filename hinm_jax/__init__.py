@@ -23,7 +23,7 @@ from hinm_jax.core import Layout
 from hinm_jax.format import SparseWeight, compress
 from hinm_jax.masks import Mask, Summary, apply_masks, named_leaves, prune, ste_apply, summary
 from hinm_jax.allocate import allocate_sparsity, allocation_table
-from hinm_jax.ops import available_implementations, pack_for, sparse_matmul
+from hinm_jax.ops import available_implementations, pack_for, sparse_ffn, sparse_matmul, sparse_matmuls
 from hinm_jax.patterns import HSS, NM, HiNM, Pattern, Unstructured, VectorWise, parse_pattern
 
 __version__ = "0.1.0"
@@ -92,5 +92,7 @@ __all__ = [
     "compress",
     "pack_for",
     "sparse_matmul",
+    "sparse_matmuls",
+    "sparse_ffn",
     "available_implementations",
 ]

@@ -1,10 +1,12 @@
 """What every kernel backend's adapter (``_cpu``, ``_cuda``, ``_pallas``) shares: building
 and registering its library once with one clear warning when that fails, packing each matrix
-of a stacked weight, and the backward pass through the reference.
+of a stacked weight, and the backward pass through the reference (of one product, of a
+feed-forward block of two, or of several products of one input).
 
 Example:
     >>> from hinm_jax import _backend, _xla
     >>> f = _backend.with_reference_vjp(lambda x, w, packed, bias, activation: _xla.matmul(x, w))
+    >>> ffn = _backend.with_reference_vjp(kernel, _backend.ffn_reference)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -19,7 +21,17 @@ import jax.numpy as jnp
 from hinm_jax import _activation, _xla
 from hinm_jax.format import SparseWeight
 
-__all__ = ["register_or_warn", "not_one_matrix", "require", "one_matrix", "per_matrix", "with_reference_vjp"]
+__all__ = [
+    "register_or_warn",
+    "not_one_matrix",
+    "require",
+    "one_matrix",
+    "per_matrix",
+    "reference",
+    "ffn_reference",
+    "many_reference",
+    "with_reference_vjp",
+]
 
 
 def register_or_warn(register, errors: tuple, what: str) -> bool:
@@ -72,36 +84,51 @@ def per_matrix(fn, w: SparseWeight):
     return fn(w.values, w.metadata, w.vector_index, w.row_perm)
 
 
-def _reference(activation, x, w: SparseWeight, bias):
+def reference(activation, x, w: SparseWeight, bias):
+    """``activation(x @ w + bias)`` through the reference (``bias`` may be ``None``)."""
     y = _xla.matmul(x, w)
     y = y if bias is None else (y + bias).astype(y.dtype)
     return _activation.apply(activation, y)
 
 
-def with_reference_vjp(kernel):
+def ffn_reference(activation, x, ws: tuple, biases: tuple):
+    """A feed-forward block through the reference: ``activation(x @ w1 + b1) @ w2 + b2``."""
+    (w1, w2), (b1, b2) = ws, biases
+    return reference(None, reference(activation, x, w1, b1), w2, b2)
+
+
+def many_reference(activations: tuple, x, ws: tuple, biases: tuple) -> tuple:
+    """Products of one input through the reference: ``activation_l(x @ w_l + b_l)`` for each ``l``."""
+    return tuple(reference(a, x, w, b) for a, w, b in zip(activations, ws, biases))
+
+
+def with_reference_vjp(kernel, reference=reference):
     """A backend's product made differentiable with the reference's VJP.
 
     Args:
-      kernel: ``kernel(x, w, packed, bias, activation) -> (T, O)``, the same function of
-        ``(x, w, bias)`` as ``activation(_xla.matmul(x, w) + bias)`` (``packed`` is the
-        backend's copy of ``w``; ``activation`` a static name or ``None``).
+      kernel: ``kernel(x, w, packed, bias, static)``, the same function of ``(x, w, bias)`` as
+        ``reference(static, x, w, bias)``: ``w`` a weight or a tuple of them, ``packed`` the
+        backend's copies, ``bias`` the bias or biases, ``static`` a hashable of the call (the
+        activation, or one per weight).
+      reference: the reference of ``kernel`` (default: one product, :func:`reference`;
+        :func:`ffn_reference` and :func:`many_reference` for the calls of several weights).
 
     Returns:
-      ``f(x, w, packed, bias, activation)``: ``kernel`` forward; backward, the cotangents
-      of ``x``, ``w``'s values and ``bias`` from the reference (none for ``packed``).
+      ``f(x, w, packed, bias, static)``: ``kernel`` forward; backward, the cotangents of ``x``,
+      the weights' values and the biases from ``reference`` (none for ``packed``).
     """
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-    def f(x, w, packed, bias, activation):
-        return kernel(x, w, packed, bias, activation)
+    def f(x, w, packed, bias, static):
+        return kernel(x, w, packed, bias, static)
 
-    def fwd(x, w, packed, bias, activation):
-        return kernel(x, w, packed, bias, activation), (x, w, bias)
+    def fwd(x, w, packed, bias, static):
+        return kernel(x, w, packed, bias, static), (x, w, bias)
 
-    def bwd(activation, res, g):
+    def bwd(static, res, g):
         x, w, bias = res
-        _, vjp = jax.vjp(functools.partial(_reference, activation), x, w, bias)
-        gx, gw, gb = vjp(g.astype(jnp.result_type(x.dtype, w.dtype)))
+        out, vjp = jax.vjp(functools.partial(reference, static), x, w, bias)
+        gx, gw, gb = vjp(jax.tree.map(lambda g, o: g.astype(o.dtype), g, out))
         return gx, gw, None, gb
 
     f.defvjp(fwd, bwd)

@@ -16,7 +16,10 @@ the default dispatch falls through to the next one.
 
 A backend is an adapter module registered in ``_BACKENDS`` with ``NAME``,
 ``is_available() -> bool``, ``pack(w) -> pytree | None`` (its own copy of the arrays,
-stored by :func:`pack_for`) and ``matmul(x2d, w, bias=None)``.
+stored by :func:`pack_for`) and ``matmul(x2d, w, bias=None, activation=None)``; optionally
+``ffn(x2d, w1, w2, bias1, bias2, activation)``, a feed-forward block of two products in one
+call (:func:`sparse_ffn`), and ``matmuls(x2d, ws, biases, activations)``, several products of
+one input in one call (:func:`sparse_matmuls`): ``"cpu"`` has both.
 
 Example:
     >>> import jax, jax.numpy as jnp, hinm_jax
@@ -43,6 +46,8 @@ from hinm_jax.format import SparseWeight
 __all__ = [
     "default_implementation",
     "sparse_matmul",
+    "sparse_ffn",
+    "sparse_matmuls",
     "reference_matmul",
     "available_implementations",
     "pack_for",
@@ -128,25 +133,35 @@ def pack_for(params, implementation: str | None = None):
     return map_with_path(one, params, is_leaf=lambda x: isinstance(x, SparseWeight))
 
 
-def _check(x, w, bias) -> None:
+def _check(x, w, bias, wname: str = "w", bname: str = "bias", xname: str = "x") -> None:
+    """Checks ``w`` and that ``x`` (``xname``) and ``bias`` fit it, naming each as the caller does."""
     if not isinstance(w, SparseWeight):
-        raise TypeError(f"w: expected a SparseWeight (from hinm_jax.compress), got {type(w).__name__}")
-    w.validate("w")
+        raise TypeError(f"{wname}: expected a SparseWeight (from hinm_jax.compress), got {type(w).__name__}")
+    w.validate(wname)
     if w.stack_axes:
         raise ValueError(
-            f"w: shape={w.shape} pattern {w.pattern} has stack_axes={w.stack_axes}: sparse_matmul "
+            f"{wname}: shape={w.shape} pattern {w.pattern} has stack_axes={w.stack_axes}: sparse_matmul "
             "takes one matrix; map over the stack (e.g. jax.vmap or lax.scan)"
         )
     k, o = w.matrix_shape
-    if x.ndim < 1 or x.shape[-1] != k:
+    if len(x.shape) < 1 or x.shape[-1] != k:
         raise ValueError(
-            f"x: shape={tuple(x.shape)} does not match w: shape={w.shape} (K={k}, O={o}) pattern {w.pattern}"
+            f"{xname}: shape={tuple(x.shape)} does not match {wname}: shape={w.shape} (K={k}, O={o}) pattern {w.pattern}"
         )
     if bias is not None and tuple(np.shape(bias)) != (o,):
         raise ValueError(
-            f"bias: shape={tuple(np.shape(bias))} does not match w: shape={w.shape} (O={o}) pattern "
+            f"{bname}: shape={tuple(np.shape(bias))} does not match {wname}: shape={w.shape} (O={o}) pattern "
             f"{w.pattern}: expected ({o},)"
         )
+
+
+def _names(implementation: str | None) -> tuple[str, ...]:
+    """The implementations to try, in order."""
+    if implementation is None:
+        return tuple(n for n in _ORDER.get(jax.default_backend(), ("xla",)) if _runs_here(n))
+    if implementation in IMPLEMENTATIONS:
+        return (implementation,)
+    raise ValueError(f"implementation={implementation!r}: expected one of {IMPLEMENTATIONS} or None")
 
 
 def sparse_matmul(x, w: SparseWeight, *, bias=None, activation: str | None = None, implementation: str | None = None):
@@ -186,14 +201,8 @@ def sparse_matmul(x, w: SparseWeight, *, bias=None, activation: str | None = Non
     _activation.check(activation, f"w: shape={w.shape} pattern {w.pattern}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
-    if implementation is None:
-        names = tuple(n for n in _ORDER.get(jax.default_backend(), ("xla",)) if _runs_here(n))
-    elif implementation in IMPLEMENTATIONS:
-        names = (implementation,)
-    else:
-        raise ValueError(f"implementation={implementation!r}: expected one of {IMPLEMENTATIONS} or None")
     y = None
-    for name in names:
+    for name in _names(implementation):
         if name == "xla":
             y = reference_matmul(x2, w)
             break
@@ -213,3 +222,135 @@ def sparse_matmul(x, w: SparseWeight, *, bias=None, activation: str | None = Non
     if bias is not None:
         y = (y + bias).astype(y.dtype)
     return _activation.apply(activation, y)
+
+
+def sparse_ffn(
+    x,
+    w1: SparseWeight,
+    w2: SparseWeight,
+    *,
+    bias1=None,
+    bias2=None,
+    activation: str | None = None,
+    implementation: str | None = None,
+):
+    """A feed-forward block, ``activation(x @ densify(w1) + bias1) @ densify(w2) + bias2``, for
+    ``x`` of shape ``(..., K)``: the same function as two :func:`sparse_matmul` calls, in one
+    kernel call where a backend has one.
+
+    The ``"cpu"`` kernel runs both layers in one call when ``x`` and the weights are float32
+    (or both weights bfloat16) and there are enough tokens for its tokens schedule: the
+    first layer's outputs go to the second in the kernel's own tile layout, a group of tokens
+    at a time, instead of being written out whole and transposed back (the same sums in the
+    same order: the result is that of two calls, bit for bit). Otherwise, and on the other
+    implementations, it is two :func:`sparse_matmul` calls.
+
+    Args:
+      x: activations ``(..., K)``; leading dims are flattened.
+      w1: the first layer, a :class:`~hinm_jax.format.SparseWeight` ``(K, H)``.
+      w2: the second layer, ``(H, O)``.
+      bias1, bias2: optional ``(H,)`` and ``(O,)``.
+      activation: ``None``, ``"relu"`` or ``"gelu"`` (exact, through erf), applied to the
+        first layer's outputs after ``bias1``.
+      implementation: as :func:`sparse_matmul`'s (``None``: the best that runs here).
+
+    Returns:
+      ``(..., O)``, in the dtype two :func:`sparse_matmul` calls give.
+
+    Raises:
+      TypeError, ValueError: as :func:`sparse_matmul`, for either layer, naming it (``w1``,
+        ``bias1``, ``w2``, ``bias2``); ``w2``'s ``K`` is not ``w1``'s ``O``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, hinm_jax
+        >>> params = {"up": jax.random.normal(jax.random.key(0), (64, 256)),
+        ...           "down": jax.random.normal(jax.random.key(1), (256, 64))}
+        >>> sw = hinm_jax.compress(params, hinm_jax.prune(params, "hinm:32:0.5:2:4"))
+        >>> x = jnp.ones((40, 64))
+        >>> y = hinm_jax.sparse_ffn(x, sw["up"], sw["down"], activation="gelu")
+        >>> h = jax.nn.gelu(x @ sw["up"].densify(), approximate=False)
+        >>> bool(jnp.allclose(y, h @ sw["down"].densify(), rtol=1e-4, atol=1e-3))
+        True
+    """
+    x = jnp.asarray(x)
+    _check(x, w1, bias1, "w1", "bias1")
+    hidden = jax.ShapeDtypeStruct(x.shape[:-1] + (w1.matrix_shape[1],), x.dtype)
+    _check(hidden, w2, bias2, "w2", "bias2", xname=f"w1: shape={w1.shape}'s outputs")
+    _activation.check(activation, f"w1: shape={w1.shape} pattern {w1.pattern}")
+    lead, o = x.shape[:-1], w2.matrix_shape[1]
+    x2 = x.reshape(-1, w1.matrix_shape[0])
+    for name in _names(implementation):
+        if name == "xla":
+            break
+        mod = _kernel_backend(name)
+        if mod is None or not mod.is_available() or not hasattr(mod, "ffn"):
+            continue  # sparse_matmul below names a backend that cannot run here
+        try:
+            return mod.ffn(x2, w1, w2, bias1=bias1, bias2=bias2, activation=activation).reshape(lead + (o,))
+        except NotImplementedError:
+            continue  # one call cannot run this block: two
+    y = sparse_matmul(x, w1, bias=bias1, activation=activation, implementation=implementation)
+    return sparse_matmul(y, w2, bias=bias2, implementation=implementation)
+
+
+def sparse_matmuls(x, ws, *, biases=None, activations=None, implementation: str | None = None) -> tuple:
+    """Several products of one input, ``activation_l(x @ densify(w_l) + bias_l)`` for each weight
+    (an attention layer's query, key and value): the same as one :func:`sparse_matmul` per
+    weight, in one kernel call where a backend has one.
+
+    The ``"cpu"`` kernel runs up to 4 weights in one call when ``x`` and the weights are float32
+    (or all weights bfloat16 in one layout) and there are enough tokens for its tokens
+    schedule: ``x`` is transposed into its tiles once for all of them, and each result is the
+    one :func:`sparse_matmul` gives, bit for bit. Otherwise, and on the other implementations,
+    it is one :func:`sparse_matmul` per weight.
+
+    Args:
+      x: activations ``(..., K)``; leading dims are flattened.
+      ws: a sequence of :class:`~hinm_jax.format.SparseWeight`, each ``(K, O_l)``.
+      biases: ``None``, or one bias (``(O_l,)`` or ``None``) per weight.
+      activations: ``None``, or one activation (``None``, ``"relu"``, ``"gelu"``) per weight.
+      implementation: as :func:`sparse_matmul`'s.
+
+    Returns:
+      a tuple of ``(..., O_l)``, in the dtypes :func:`sparse_matmul` gives.
+
+    Raises:
+      TypeError, ValueError: as :func:`sparse_matmul`, for each weight, naming it (``ws[l]``,
+        ``biases[l]``); ``biases`` or ``activations`` not one per weight.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, hinm_jax
+        >>> params = {n: jax.random.normal(jax.random.key(i), (64, 64)) for i, n in enumerate("qkv")}
+        >>> sw = hinm_jax.compress(params, hinm_jax.prune(params, "hinm:32:0.5:2:4"))
+        >>> q, k, v = hinm_jax.sparse_matmuls(jnp.ones((40, 64)), [sw["q"], sw["k"], sw["v"]])
+        >>> bool(jnp.allclose(k, jnp.ones((40, 64)) @ sw["k"].densify(), rtol=1e-5, atol=1e-4))
+        True
+    """
+    x = jnp.asarray(x)
+    ws = tuple(ws)
+    if not ws:
+        raise ValueError("ws: expected at least one weight")
+    biases = (None,) * len(ws) if biases is None else tuple(biases)
+    activations = (None,) * len(ws) if activations is None else tuple(activations)
+    for name, seq in (("biases", biases), ("activations", activations)):
+        if len(seq) != len(ws):
+            raise ValueError(f"{name}: {len(seq)} entries for {len(ws)} weights: expected one per weight")
+    for i, (w, b, a) in enumerate(zip(ws, biases, activations)):
+        _check(x, w, b, f"ws[{i}]", f"biases[{i}]")
+        _activation.check(a, f"ws[{i}]: shape={w.shape} pattern {w.pattern}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, ws[0].matrix_shape[0])
+    for name in _names(implementation):
+        if name == "xla":
+            break
+        mod = _kernel_backend(name)
+        if mod is None or not mod.is_available() or not hasattr(mod, "matmuls"):
+            continue  # sparse_matmul below names a backend that cannot run here
+        try:
+            ys = mod.matmuls(x2, ws, biases=biases, activations=activations)
+        except NotImplementedError:
+            continue  # one call cannot run these products: one each
+        return tuple(y.reshape(lead + (w.matrix_shape[1],)) for y, w in zip(ys, ws))
+    return tuple(
+        sparse_matmul(x, w, bias=b, activation=a, implementation=implementation) for w, b, a in zip(ws, biases, activations)
+    )

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import cpu_ffi
@@ -483,6 +483,184 @@ def test_bias_of_the_wrong_shape_is_a_clear_error():
         _cpu.matmul(jnp.ones((2, 64)), sw, bias=jnp.ones(31))
 
 
+# --- the feed-forward block: two layers in one call -------------------------------------------
+
+
+def _ffn_patterns():
+    """Patterns whose structure fits K, H multiples of 64 and H, O multiples of 32."""
+    hinm = st.builds(
+        lambda v, nm, s: HiNM(v, s, *nm),
+        st.sampled_from([8, 16, 32]),
+        st.sampled_from([(2, 4), (1, 4), (1, 2), (2, 8), (4, 16)]),
+        st.sampled_from([0.25, 0.5]),
+    )
+    return st.one_of(hinm, st.sampled_from([NM(2, 4), NM(1, 4), NM(4, 8), VectorWise(16, 0.5)]))
+
+
+def _ffn_oracle(x, w1, b1, w2, b2, activation):
+    h = _oracle(x, w1, b1, activation)
+    y = h @ np.asarray(w2.densify().astype(jnp.float32), np.float64)
+    return y if b2 is None else y + np.asarray(b2, np.float64)
+
+
+def _ffn(x, w1, w2, **kw):
+    shapes = ((w1.n, w1.m, w1.vector_size), (w2.n, w2.m, w2.vector_size))
+    return cpu_ffi.ffn(x, _cpu.pack(w1), _cpu.pack(w2), shapes=shapes, **kw)
+
+
+@settings(max_examples=3, deadline=None)
+@given(
+    p1=_ffn_patterns(),
+    p2=_ffn_patterns(),
+    kb=st.integers(1, 3),
+    hb=st.integers(1, 3),
+    ob=st.integers(1, 3),
+    t=st.sampled_from([0, 1, 5, 16, 31, 32, 33, 64, 65, 70, 129, 300]),
+    wdt=st.sampled_from([F32, BF16]),
+    bias=st.booleans(),
+    activation=st.sampled_from(cpu_ffi.ACTIVATIONS),
+    permuted=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_feed_forward_block_matches_the_reference_and_two_calls(p1, p2, kb, hb, ob, t, wdt, bias, activation, permuted, seed):
+    """One call of two layers: against float64, and bit for bit against two calls of the tokens
+    schedule (the same sums in the same order; only where the intermediate activations go differs)."""
+    rng = np.random.default_rng(seed)
+    k, h, o = 64 * kb, 64 * hb, 32 * ob
+    w1, w2 = _weight(rng, k, h, p1, wdt, permuted), _weight(rng, h, o, p2, wdt, permuted)
+    assume(packing.use_pairs(wdt, w1.n, w1.m) == packing.use_pairs(wdt, w2.n, w2.m))  # one layout (bfloat16)
+    x = jnp.asarray(rng.normal(size=(t, k)), F32)
+    b1 = jnp.asarray(rng.normal(size=(h,)), F32) if bias else None
+    b2 = jnp.asarray(rng.normal(size=(o,)), F32) if bias else None
+    y = _ffn(x, w1, w2, bias1=b1, bias2=b2, activation=activation)
+    assert y.shape == (t, o) and y.dtype == F32
+    assert _rel_err(y, _ffn_oracle(x, w1, b1, w2, b2, activation)) <= 1e-5
+    one = lambda x, w, b, act: cpu_ffi.spmm(x, _cpu.pack(w), n=w.n, m=w.m, vector_size=w.vector_size, out_dtype=F32,
+                                            bias=b, mode="tokens", activation=act)
+    np.testing.assert_array_equal(y, one(one(x, w1, b1, activation), w2, b2, None))
+
+
+@settings(max_examples=3, deadline=None)
+@given(
+    patterns=st.lists(_ffn_patterns(), min_size=1, max_size=4),
+    kb=st.integers(1, 3),
+    obs=st.lists(st.integers(1, 3), min_size=4, max_size=4),
+    t=st.sampled_from([0, 1, 16, 33, 64, 70, 300]),
+    wdt=st.sampled_from([F32, BF16]),
+    activations=st.lists(st.sampled_from(cpu_ffi.ACTIVATIONS), min_size=4, max_size=4),
+    bias=st.booleans(),
+    permuted=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_products_of_one_input_match_the_reference_and_one_call_each(patterns, kb, obs, t, wdt, activations, bias, permuted,
+                                                                     seed):
+    """Up to 4 weights of one x in one call: against float64, and bit for bit against one call of the
+    tokens schedule per weight (x is transposed once instead of once per weight)."""
+    rng = np.random.default_rng(seed)
+    k = 64 * kb
+    ws = [_weight(rng, k, 32 * o, p, wdt, permuted) for p, o in zip(patterns, obs)]
+    assume(len({packing.use_pairs(wdt, w.n, w.m) for w in ws}) == 1)  # one layout (bfloat16)
+    acts = activations[: len(ws)]
+    bs = [jnp.asarray(rng.normal(size=(w.shape[1],)), F32) if bias else None for w in ws]
+    x = jnp.asarray(rng.normal(size=(t, k)), F32)
+    shapes = tuple((w.n, w.m, w.vector_size) for w in ws)
+    ys = cpu_ffi.spmm_many(x, tuple(_cpu.pack(w) for w in ws), shapes=shapes, biases=bs, activations=acts)
+    assert len(ys) == len(ws)
+    for y, w, b, a in zip(ys, ws, bs, acts):
+        assert y.shape == (t, w.shape[1]) and y.dtype == F32
+        assert _rel_err(y, _oracle(x, w, b, a)) <= 1e-5
+        one = cpu_ffi.spmm(x, _cpu.pack(w), n=w.n, m=w.m, vector_size=w.vector_size, out_dtype=F32, bias=b, mode="tokens",
+                           activation=a)
+        np.testing.assert_array_equal(y, one)
+
+
+def test_sparse_matmuls_runs_one_call_of_up_to_4_weights():
+    rng = np.random.default_rng(17)
+    ws = [hinm_jax.pack_for(_weight(rng, 64, 32, HiNM(32, 0.5, 2, 4), F32), "cpu") for _ in range(5)]
+    x = jnp.asarray(rng.normal(size=(40, 64)), F32)
+    for count, calls in ((3, {"hinm_layers_cpu": 1}), (5, {"hinm_spmm_cpu": 5})):  # 5: one each
+        hlo = jax.jit(lambda x: hinm_jax.sparse_matmuls(x, ws[:count])).lower(x).as_text()
+        assert {name: hlo.count(f"custom_call @{name}(") for name in calls} == calls, count
+    with pytest.raises(NotImplementedError, match="5 weights: one call takes 1 to 4"):
+        _cpu.matmuls(x, ws)
+    for y, w in zip(hinm_jax.sparse_matmuls(x, ws), ws):
+        assert _rel_err(y, _oracle(x, w)) <= 1e-5
+
+
+def test_feed_forward_block_reuses_both_rings():
+    """K = 256, H = 512: a group of token tiles holds about 2 MB of x^T and h^T together (20 tiles),
+    so 2600 tokens make 5 groups, more than the rings' three slots: the first layer's units of a
+    group wait for the second layer's units of the group three before (whose h^T slots they reuse)."""
+    rng = np.random.default_rng(13)
+    w1 = _weight(rng, 256, 512, HiNM(32, 0.5, 2, 4), F32)
+    w2 = _weight(rng, 512, 96, HiNM(32, 0.5, 2, 4), F32)
+    x = jnp.asarray(rng.normal(size=(2600, 256)), F32)
+    b1 = jnp.asarray(rng.normal(size=(512,)), F32)
+    y = _ffn(x, w1, w2, bias1=b1, activation="gelu")
+    assert _rel_err(y, _ffn_oracle(x, w1, b1, w2, None, "gelu")) <= 1e-5
+
+
+def test_sparse_ffn_runs_one_call_from_the_tokens_schedule_on():
+    rng = np.random.default_rng(14)
+    w1 = hinm_jax.pack_for(_weight(rng, 64, 128, HiNM(32, 0.5, 2, 4), F32), "cpu")
+    w2 = hinm_jax.pack_for(_weight(rng, 128, 64, HiNM(32, 0.5, 2, 4), F32), "cpu")
+    start = 16 if cpu_ffi.ffi.lanes() == 8 else 32
+    for t, calls in ((start - 1, {"hinm_spmm_cpu": 2}), (start, {"hinm_layers_cpu": 1})):
+        x = jnp.ones((t, 64))
+        hlo = jax.jit(lambda x: hinm_jax.sparse_ffn(x, w1, w2, activation="gelu")).lower(x).as_text()
+        assert {name: hlo.count(f"custom_call @{name}(") for name in calls} == calls, t
+
+
+@pytest.mark.parametrize(
+    "case, what",
+    [
+        ("bf16 x", "float32 x and weights of one dtype"),
+        ("mixed dtypes", "float32 x and weights of one dtype"),
+        ("few tokens", "too few tokens"),
+        ("layouts", "packed in different layouts"),
+        ("activation", "activation='tanh'"),
+    ],
+)
+def test_what_one_call_cannot_run_raises_not_implemented_and_sparse_ffn_runs_two(case, what):
+    rng = np.random.default_rng(15)
+    dt2 = {"mixed dtypes": BF16, "layouts": BF16}.get(case, F32)
+    w1 = _weight(rng, 64, 128, HiNM(32, 0.5, 2, 4), BF16 if case == "layouts" else F32)
+    w2 = _weight(rng, 128, 64, HiNM(32, 0.5, 1, 4) if case == "layouts" else HiNM(32, 0.5, 2, 4), dt2)
+    x = jnp.asarray(rng.normal(size=(3 if case == "few tokens" else 40, 64)), BF16 if case == "bf16 x" else F32)
+    act = "tanh" if case == "activation" else "relu"
+    with pytest.raises(NotImplementedError, match=what):
+        _cpu.ffn(x, w1, w2, activation=act)
+    if case == "activation":
+        return
+    y = hinm_jax.sparse_ffn(x, w1, w2, activation=act, implementation="cpu")
+    want = _ffn_oracle(x.astype(F32), w1, None, w2, None, act)
+    assert _rel_err(y, want) <= _tol(x.dtype, w1.dtype, w2.dtype)
+
+
+@pytest.mark.parametrize(
+    "layer, key, at, value, message",
+    [
+        (2, "inputs", (1, 0, 3, 5), 128, "input index out of range"),
+        (1, "row_perm", (1,), "row_perm[0]", "repeats a channel"),
+        (2, "vector_index", (0, 0), -1, "vector index out of range"),
+    ],
+)
+def test_several_layers_reject_damaged_indices(layer, key, at, value, message):
+    """A chain (the second layer's inputs are the first's outputs) and products of one input alike."""
+    rng = np.random.default_rng(16)
+    w1 = _weight(rng, 64, 128, HiNM(16, 0.5, 2, 4), F32)
+    w2 = _weight(rng, 128, 64, HiNM(16, 0.5, 2, 4), F32)
+    w3 = _weight(rng, 64, 128, HiNM(16, 0.5, 2, 4), F32)
+    shapes = ((2, 4, 16), (2, 4, 16))
+    for call, ws in ((lambda x, p: cpu_ffi.ffn(x, *p, shapes=shapes), (w1, w2)),
+                     (lambda x, p: cpu_ffi.spmm_many(x, p, shapes=shapes), (w1, w3))):
+        packed = [dict(_cpu.pack(w)) for w in ws]
+        d = packed[layer - 1]
+        d[key] = d[key].at[at].set(d["row_perm"][0] if value == "row_perm[0]" else value)
+        with pytest.raises(Exception, match=message):
+            jax.block_until_ready(call(jnp.ones((40, 64)), packed))
+
+
 # --- builds -------------------------------------------------------------------------------
 
 _CHECK = textwrap.dedent(
@@ -505,6 +683,11 @@ _CHECK = textwrap.dedent(
     swp = dataclasses.replace(sw, row_perm=jnp.asarray(np.random.default_rng(0).permutation(96), jnp.int32))
     refp = np.asarray(x, np.float64) @ np.asarray(swp.densify(), np.float64)
     assert np.max(np.abs(hinm_jax.sparse_matmul(x, swp) - refp)) < 1e-4
+    w2 = jax.random.normal(jax.random.key(2), (96, 64))  # a feed-forward block: one call of both layers
+    sw2 = hinm_jax.compress({"w": w2}, hinm_jax.prune({"w": w2}, "hinm:32:0.5:2:4"))["w"]
+    sw2 = dataclasses.replace(sw2, row_perm=jnp.asarray(np.random.default_rng(1).permutation(64), jnp.int32))
+    reff = np.maximum(refp, 0) @ np.asarray(sw2.densify(), np.float64)
+    assert np.max(np.abs(hinm_jax.sparse_ffn(x, swp, sw2, activation="relu") - reff)) < 1e-4 * np.max(np.abs(reff))
     print("available", hinm_jax.ops.available_implementations())
     for w in caught:
         print("WARNING", w.category.__name__, str(w.message).replace(chr(10), " "))

@@ -190,6 +190,142 @@ def test_linen_dense_activation_is_passed_to_the_sparse_product(implementation):
     assert_close(y, ref)
 
 
+class LinenBlock(nn.Module):
+    """A FeedForward block between two other layers; its layers' parameters stay the block's."""
+
+    second_activation: str | None = None
+    dtypes: tuple = (None, None)
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(64, name="before")(x)
+        up = layers.Dense(128, activation="gelu", dtype=self.dtypes[0], name="up")
+        down = layers.Dense(64, activation=self.second_activation, dtype=self.dtypes[1], name="down")
+        return layers.FeedForward(up, down)(x)
+
+
+def _spy_feed_forward(monkeypatch):
+    """Records each sparse_ffn / sparse_matmul call of the layers: ("ffn", activation) / ("matmul", activation)."""
+    import hinm_jax.layers.functional as functional
+
+    calls = []
+    ffn, matmul = functional.sparse_ffn, functional.sparse_matmul
+    monkeypatch.setattr(functional, "sparse_ffn", lambda *a, **kw: calls.append(("ffn", kw.get("activation"))) or ffn(*a, **kw))
+    monkeypatch.setattr(functional, "sparse_matmul", lambda *a, **kw: calls.append(("matmul", kw.get("activation"))) or matmul(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("t", [3, 40])
+def test_linen_feed_forward_runs_as_one_block(monkeypatch, t):
+    """Both kernels compressed: one sparse_ffn with the first layer's activation (one kernel call on
+    the cpu from its tokens schedule on, T = 40); the parameters are the two Dense layers', in place."""
+    model, x = LinenBlock(), normal(seed=4, shape=(2, t, 32))
+    params = init(model, x)
+    assert sorted(params) == ["before", "down", "up"]
+    masks = prune(params, PATTERN, where=r"^(up|down)/kernel$")
+    calls = _spy_feed_forward(monkeypatch)
+    with layers.sparse_inference():
+        y = jax.jit(lambda p, x: model.apply({"params": p}, x))(compress(params, masks), x)
+    assert calls == [("ffn", "gelu")]
+    assert_close(y, model.apply({"params": apply_masks(params, masks)}, x))
+
+
+@pytest.mark.parametrize(
+    "case, want",
+    [
+        ("one kernel compressed", [("matmul", None)]),
+        ("an activation after the second layer", [("matmul", "gelu"), ("matmul", "relu")]),
+        ("two dtypes", [("matmul", "gelu"), ("matmul", None)]),
+    ],
+)
+def test_linen_feed_forward_falls_back_to_its_layers(monkeypatch, case, want):
+    """What one block cannot be runs layer by layer, each layer as sparse_inference runs it alone."""
+    model = LinenBlock(
+        second_activation="relu" if case == "an activation after the second layer" else None,
+        dtypes=(jnp.float32, jnp.bfloat16) if case == "two dtypes" else (None, None),
+    )
+    x = normal(seed=5, shape=(40, 32))
+    params = init(model, x)
+    where = r"^down/kernel$" if case == "one kernel compressed" else r"^(up|down)/kernel$"
+    masks = prune(params, PATTERN, where=where)
+    calls = _spy_feed_forward(monkeypatch)
+    with layers.sparse_inference():
+        y = model.apply({"params": compress(params, masks)}, x)
+    assert calls == want
+    assert_close(y, model.apply({"params": apply_masks(params, masks)}, x), rtol=2e-2 if case == "two dtypes" else 1e-5)
+
+
+def test_linen_feed_forward_names_the_path_of_a_kernel_that_does_not_fit():
+    model, x = LinenBlock(), normal(seed=6, shape=(40, 32))
+    params = init(model, x)
+    sparse = compress(params, prune(params, PATTERN, where=r"^(up|down)/kernel$"))
+    swapped = {**sparse, "down": {**sparse["down"], "kernel": sparse["up"]["kernel"]}}
+    with layers.sparse_inference(), pytest.raises(ValueError, match=r"^down/kernel: shape=\(64, 128\)"):
+        model.apply({"params": swapped}, x)
+
+
+class LinenAttentionInputs(nn.Module):
+    """Query, key and value of one input as a Parallel block."""
+
+    dtypes: tuple = (None, None, None)
+
+    @nn.compact
+    def __call__(self, x):
+        qkv = tuple(layers.Dense(64, activation=a, dtype=d, name=n)
+                    for n, a, d in zip(("query", "key", "value"), (None, "relu", None), self.dtypes))
+        return layers.Parallel(qkv)(x)
+
+
+def _spy_matmuls(monkeypatch):
+    import hinm_jax.layers.functional as functional
+
+    calls = []
+    many, matmul = functional.sparse_matmuls, functional.sparse_matmul
+    monkeypatch.setattr(functional, "sparse_matmuls", lambda *a, **kw: calls.append(("many", kw.get("activations"))) or many(*a, **kw))
+    monkeypatch.setattr(functional, "sparse_matmul", lambda *a, **kw: calls.append(("matmul", kw.get("activation"))) or matmul(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "case, want",
+    [
+        ("all compressed", [("many", (None, "relu", None))]),
+        ("one dense", [("matmul", "relu"), ("matmul", None)]),
+        ("two dtypes", [("matmul", None), ("matmul", "relu"), ("matmul", None)]),
+    ],
+)
+def test_linen_parallel_runs_as_one_call_or_layer_by_layer(monkeypatch, case, want):
+    """Compressed kernels of one dtype: one sparse_matmuls with each layer's activation; otherwise each
+    layer as sparse_inference runs it alone. The parameters are the three Dense layers', in place."""
+    model = LinenAttentionInputs(dtypes=(None, jnp.bfloat16, None) if case == "two dtypes" else (None, None, None))
+    x = normal(seed=10, shape=(2, 20, 32))
+    params = init(model, x)
+    assert sorted(params) == ["key", "query", "value"]
+    masks = prune(params, PATTERN, where=r"^(key|value)/kernel$" if case == "one dense" else None)
+    calls = _spy_matmuls(monkeypatch)
+    with layers.sparse_inference():
+        ys = jax.jit(lambda p, x: model.apply({"params": p}, x))(compress(params, masks), x)
+    assert calls == want
+    for y, ref in zip(ys, model.apply({"params": apply_masks(params, masks)}, x), strict=True):
+        assert_close(y, ref, rtol=2e-2 if case == "two dtypes" else 1e-5)
+
+
+def test_feed_forward_function_matches_two_dense_layers():
+    w1, w2 = normal(seed=7, shape=(64, 128)), normal(seed=8, shape=(128, 32))
+    sw = compress({"a": w1, "b": w2}, prune({"a": w1, "b": w2}, PATTERN))
+    x, b1, b2 = normal(seed=9, shape=(2, 20, 64)), jnp.linspace(-1, 1, 128), jnp.linspace(-1, 1, 32)
+    y = layers.feed_forward(x, sw["a"], b1, sw["b"], b2, activation="relu")
+    h = layers.dense_general(x, sw["a"], b1, activation="relu")
+    assert_close(y, layers.dense_general(h, sw["b"], b2))
+    with pytest.raises(ValueError, match=r"^b: bias shape=\(128,\) does not match features \(32,\)"):
+        layers.feed_forward(x, sw["a"], b1, sw["b"], b1, paths=("a", "b"))
+    ya, yb = layers.dense_many(x, [sw["a"], sw["a"]], [b1, None], activations=["relu", None])
+    assert_close(ya, h)
+    assert_close(yb, layers.dense_general(x, sw["a"]))
+    with pytest.raises(ValueError, match=r"^1/kernel: shape=\(128, 32\) \(K=128, O=32\) does not fit this layer"):
+        layers.dense_many(x, [sw["a"], sw["b"]], [None, None])
+
+
 def test_linen_dense_unknown_activation_names_path():
     model = layers.Dense(8, activation="tanh", name="proj")
     with pytest.raises(ValueError, match=r"^proj: activation='tanh': expected None or one of"):

@@ -139,6 +139,115 @@ def test_gradient_in_x(impl):
     np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5)
 
 
+# --- the feed-forward block: sparse_ffn ------------------------------------------------
+
+
+def _ffn_oracle(x, w1, b1, w2, b2, activation):
+    h = oracle_activation(activation, np.asarray(x, np.float64) @ np.asarray(w1.densify(), np.float64) + np.asarray(b1, np.float64))
+    return h @ np.asarray(w2.densify(), np.float64) + np.asarray(b2, np.float64)
+
+
+@pytest.mark.parametrize("activation", [None, "gelu"])
+@pytest.mark.parametrize("t", [0, 1, 7, 70])
+def test_feed_forward_block(impl, activation, t):
+    """``activation(x @ W1 + b1) @ W2 + b2`` (the cpu kernel runs it as one call from its tokens
+    schedule on: T = 70; two calls below), permuted layouts in both layers."""
+    w1 = _sparse(64, 128, HiNM(32, 0.5, 2, 4), jnp.float32, seed=1)
+    w2 = _sparse(128, 64, HiNM(32, 0.5, 2, 4), jnp.float32, seed=2)
+    b1, b2 = jnp.linspace(-2.0, 2.0, 128), jnp.linspace(-1.0, 1.0, 64)
+    x = 2 * jax.random.normal(jax.random.key(t), (t, 64))
+    f = jax.jit(lambda x: hinm_jax.sparse_ffn(x, w1, w2, bias1=b1, bias2=b2, activation=activation, implementation=impl))
+    y = f(x)
+    assert y.shape == (t, 64) and y.dtype == jnp.float32
+    np.testing.assert_allclose(y, _ffn_oracle(x, w1, b1, w2, b2, activation), rtol=1e-5, atol=1e-4)
+
+
+def test_feed_forward_block_leading_dims_and_gradient(impl):
+    w1 = _sparse(64, 128, HiNM(32, 0.5, 2, 4), jnp.float32, seed=1)
+    w2 = _sparse(128, 32, NM(2, 4), jnp.float32, seed=2)
+    b1, b2 = jnp.linspace(-1.0, 1.0, 128), jnp.linspace(-1.0, 1.0, 32)
+    x = jax.random.normal(jax.random.key(0), (2, 20, 64))
+
+    def ffn(x, b1, b2):
+        return hinm_jax.sparse_ffn(x, w1, w2, bias1=b1, bias2=b2, activation="gelu", implementation=impl)
+
+    def dense(x, b1, b2):
+        return jax.nn.gelu(x @ w1.densify() + b1, approximate=False) @ w2.densify() + b2
+
+    assert ffn(x, b1, b2).shape == (2, 20, 32)
+    np.testing.assert_allclose(ffn(x, b1, b2), dense(x, b1, b2), rtol=1e-5, atol=1e-4)
+    c = jax.random.normal(jax.random.key(1), (2, 20, 32))
+    g = jax.grad(lambda *a: jnp.sum(c * ffn(*a)), argnums=(0, 1, 2))(x, b1, b2)
+    want = jax.grad(lambda *a: jnp.sum(c * dense(*a)), argnums=(0, 1, 2))(x, b1, b2)
+    for got, w in zip(g, want):
+        np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4)
+
+
+def test_feed_forward_block_bad_inputs():
+    w1 = _sparse(64, 128, HiNM(32, 0.5, 2, 4), jnp.float32, seed=1)
+    w2 = _sparse(128, 64, HiNM(32, 0.5, 2, 4), jnp.float32, seed=2)
+    x = jnp.ones((3, 64))
+    with pytest.raises(ValueError, match=r"x: shape=\(3, 32\) does not match w1: shape=\(64, 128\)"):
+        hinm_jax.sparse_ffn(jnp.ones((3, 32)), w1, w2)
+    with pytest.raises(ValueError, match=r"w1: shape=\(64, 128\)'s outputs: shape=\(3, 128\) does not match w2: shape=\(64, 128\)"):
+        hinm_jax.sparse_ffn(x, w1, w1)
+    with pytest.raises(ValueError, match=r"bias2: shape=\(128,\) does not match w2: shape=\(128, 64\) \(O=64\)"):
+        hinm_jax.sparse_ffn(x, w1, w2, bias2=jnp.ones(128))
+    with pytest.raises(TypeError, match="w2: expected a SparseWeight"):
+        hinm_jax.sparse_ffn(x, w1, jnp.ones((128, 64)))
+    with pytest.raises(ValueError, match=r"w1: shape=\(64, 128\) pattern hinm:32:0.5:2:4: activation='tanh'"):
+        hinm_jax.sparse_ffn(x, w1, w2, activation="tanh")
+    with pytest.raises(ValueError, match="implementation='tpu'"):
+        hinm_jax.sparse_ffn(x, w1, w2, implementation="tpu")
+
+
+# --- products of one input: sparse_matmuls ------------------------------------------------
+
+
+@pytest.mark.parametrize("t", [0, 1, 40])
+def test_products_of_one_input(impl, t):
+    """Three weights of one x (the cpu kernel runs them as one call from its tokens schedule on:
+    T = 40), each with its own bias and activation, and their gradients."""
+    ws = [_sparse(64, o, p, jnp.float32, seed=i) for i, (o, p) in enumerate([(64, HiNM(32, 0.5, 2, 4)), (32, NM(2, 4)), (96, HiNM(32, 0.5, 2, 4))])]
+    bs = [jnp.linspace(-1.0, 1.0, w.shape[1]) for w in ws]
+    acts = [None, "gelu", "relu"]
+    x = 2 * jax.random.normal(jax.random.key(t), (t, 64))
+    ys = jax.jit(lambda x: hinm_jax.sparse_matmuls(x, ws, biases=bs, activations=acts, implementation=impl))(x)
+    for y, w, b, a in zip(ys, ws, bs, acts):
+        want = oracle_activation(a, np.asarray(x, np.float64) @ np.asarray(w.densify(), np.float64) + np.asarray(b, np.float64))
+        assert y.shape == (t, w.shape[1])
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-4)
+    if t == 0:
+        return
+    cs = [jax.random.normal(jax.random.key(i), (t, w.shape[1])) for i, w in enumerate(ws)]
+
+    def loss(x, bs, impl):
+        ys = hinm_jax.sparse_matmuls(x, ws, biases=bs, activations=acts, implementation=impl)
+        return sum(jnp.sum(c * y) for c, y in zip(cs, ys))
+
+    g, want = jax.grad(loss, argnums=(0, 1))(x, bs, impl), jax.grad(loss, argnums=(0, 1))(x, bs, "xla")
+    for got, w in zip(jax.tree.leaves(g), jax.tree.leaves(want)):
+        np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4)
+
+
+def test_products_of_one_input_bad_inputs():
+    w = _sparse(64, 64, HiNM(32, 0.5, 2, 4), jnp.float32)
+    w2 = _sparse(32, 64, HiNM(32, 0.5, 2, 4), jnp.float32)
+    x = jnp.ones((3, 64))
+    with pytest.raises(ValueError, match=r"x: shape=\(3, 64\) does not match ws\[1\]: shape=\(32, 64\)"):
+        hinm_jax.sparse_matmuls(x, [w, w2])
+    with pytest.raises(ValueError, match=r"biases\[0\]: shape=\(3,\) does not match ws\[0\]"):
+        hinm_jax.sparse_matmuls(x, [w, w], biases=[jnp.ones(3), None])
+    with pytest.raises(ValueError, match="activations: 1 entries for 2 weights"):
+        hinm_jax.sparse_matmuls(x, [w, w], activations=["relu"])
+    with pytest.raises(ValueError, match=r"ws\[1\]: shape=\(64, 64\) pattern hinm:32:0.5:2:4: activation='tanh'"):
+        hinm_jax.sparse_matmuls(x, [w, w], activations=[None, "tanh"])
+    with pytest.raises(TypeError, match=r"ws\[0\]: expected a SparseWeight"):
+        hinm_jax.sparse_matmuls(x, [jnp.ones((64, 64))])
+    with pytest.raises(ValueError, match="ws: expected at least one weight"):
+        hinm_jax.sparse_matmuls(x, [])
+
+
 # --- the reference itself -------------------------------------------------------------
 
 

@@ -2,8 +2,10 @@
 
 - **linen**: inside ``with sparse_inference():`` every ``nn.Dense``, ``nn.DenseGeneral``
   and ``nn.Conv`` whose ``kernel`` is a :class:`~hinm_jax.SparseWeight` runs through
-  :func:`hinm_jax.sparse_matmul`; all other modules run as usual. Built on
-  ``flax.linen.intercept_methods``: the model code is not touched.
+  :func:`hinm_jax.sparse_matmul`; a :class:`FeedForward` (two of them with an activation
+  between) runs as one :func:`hinm_jax.sparse_ffn` and a :class:`Parallel` (several of
+  one input) as one :func:`hinm_jax.sparse_matmuls`; all other modules run as usual.
+  Built on ``flax.linen.intercept_methods``: the model code is not touched.
 - **nnx**: :func:`to_inference` returns a new model whose pruned ``nnx.Linear`` /
   ``nnx.LinearGeneral`` / ``nnx.Conv`` are swapped for :class:`SparseLinear` /
   :class:`SparseConv` holding the compressed weight (``nnx.jit`` works on it).
@@ -19,9 +21,11 @@ A ``DenseGeneral(features=(H, D))`` kernel ``(K, H, D)`` must be pruned as the `
 H*D)`` matrix it computes: :func:`fold_features` reshapes such kernels before pruning
 and :func:`unfold_features` restores the dense leaves after compression.
 
-Modules: :mod:`~hinm_jax.layers.functional` (the ops: :func:`dense_general`, :func:`conv`,
-:func:`patch_order`), :mod:`~hinm_jax.layers.linen` (:func:`sparse_inference`, :class:`Dense`: ``nn.Dense`` with
-an activation that sparse inference fuses into the kernel),
+Modules: :mod:`~hinm_jax.layers.functional` (the ops: :func:`dense_general`,
+:func:`dense_many`, :func:`feed_forward`, :func:`conv`, :func:`patch_order`),
+:mod:`~hinm_jax.layers.linen` (:func:`sparse_inference`, :class:`Dense`: ``nn.Dense`` with an
+activation that sparse inference fuses into the kernel, :class:`FeedForward` and
+:class:`Parallel`: layers that run as one call),
 :mod:`~hinm_jax.layers.nnx` (:class:`SparseLinear`, :class:`SparseConv`,
 :func:`to_inference`), :mod:`~hinm_jax.layers.features` (:func:`fold_features`).
 
@@ -40,13 +44,24 @@ Example:
 """
 
 from hinm_jax.layers.features import fold_features, unfold_features
-from hinm_jax.layers.functional import ConvSpec, DenseFallbackWarning, conv, conv_patches, dense_general, patch_order
-from hinm_jax.layers.linen import Dense, sparse_inference
+from hinm_jax.layers.functional import (
+    ConvSpec,
+    DenseFallbackWarning,
+    conv,
+    conv_patches,
+    dense_general,
+    dense_many,
+    feed_forward,
+    patch_order,
+)
+from hinm_jax.layers.linen import Dense, FeedForward, Parallel, sparse_inference
 from hinm_jax.layers.nnx import Conversion, SparseConv, SparseLinear, SparseParam, conversion_report, to_inference
 
 __all__ = [
     "sparse_inference",
     "Dense",
+    "FeedForward",
+    "Parallel",
     "to_inference",
     "conversion_report",
     "Conversion",
@@ -56,6 +71,8 @@ __all__ = [
     "ConvSpec",
     "DenseFallbackWarning",
     "dense_general",
+    "dense_many",
+    "feed_forward",
     "conv",
     "conv_patches",
     "patch_order",

@@ -2,7 +2,8 @@
 
 :func:`dense_general` and :func:`conv` compute what ``flax`` ``DenseGeneral`` and
 ``Conv`` compute, with the kernel a :class:`~hinm_jax.SparseWeight`, through one
-:func:`hinm_jax.sparse_matmul`. A convolution runs as patch extraction
+:func:`hinm_jax.sparse_matmul`; :func:`feed_forward`, two ``Dense`` layers with an
+activation between, through one :func:`hinm_jax.sparse_ffn`. A convolution runs as patch extraction
 (``lax.conv_general_dilated_patches``) followed by one sparse matmul; the patches come
 out with the input channel *slowest* (``(I, kh, kw)``), so the weight's vector index is
 renumbered into patch order (:func:`patch_order`) instead of transposing activations.
@@ -21,9 +22,9 @@ from jax import lax
 
 from hinm_jax import _activation
 from hinm_jax.format import SparseWeight
-from hinm_jax.ops import sparse_matmul
+from hinm_jax.ops import sparse_ffn, sparse_matmul, sparse_matmuls
 
-__all__ = ["DenseFallbackWarning", "dense_general", "ConvSpec", "conv", "conv_patches", "patch_order"]
+__all__ = ["DenseFallbackWarning", "dense_general", "dense_many", "feed_forward", "ConvSpec", "conv", "conv_patches", "patch_order"]
 
 
 class DenseFallbackWarning(UserWarning):
@@ -103,6 +104,21 @@ def dense_general(
         (2, 5, 32)
     """
     x = jnp.asarray(x)
+    axis, k, features = _dense_check(x, w, bias, axis, features, path, activation)
+    dt = _result_dtype(dtype, x, w.values, bias)
+    x = x.astype(dt)
+    w = _cast_weight(w, dt)
+    b = None if bias is None else jnp.asarray(bias, dt).reshape(-1)
+    n = len(axis)
+    xt = jnp.moveaxis(x, axis, tuple(range(x.ndim - n, x.ndim)))
+    lead = xt.shape[: x.ndim - n]
+    y = sparse_matmul(xt.reshape(lead + (k,)), w, bias=b, activation=activation, implementation=implementation)
+    return y.reshape(lead + features)
+
+
+def _dense_check(x, w, bias, axis, features, path: str, activation) -> tuple[tuple[int, ...], int, tuple[int, ...]]:
+    """Checks that ``w`` (at ``path``) and ``bias`` fit a ``DenseGeneral`` over ``x``'s ``axis``
+    with output ``features``; returns the axes (non-negative), ``K`` and the features."""
     if not isinstance(w, SparseWeight):
         raise ValueError(f"{path}: expected a SparseWeight, got {type(w).__name__}")
     axis = _normalize_axes(_tuple(axis), x.ndim)
@@ -131,15 +147,116 @@ def dense_general(
     if bias is not None and _prod(jnp.shape(bias)) != o:
         raise ValueError(f"{path}: bias shape={tuple(jnp.shape(bias))} does not match features {features}")
     _activation.check(activation, f"{path}: shape={w.shape} pattern {w.pattern}")
-    dt = _result_dtype(dtype, x, w.values, bias)
-    x = x.astype(dt)
-    w = _cast_weight(w, dt)
-    b = None if bias is None else jnp.asarray(bias, dt).reshape(-1)
-    n = len(axis)
-    xt = jnp.moveaxis(x, axis, tuple(range(x.ndim - n, x.ndim)))
-    lead = xt.shape[: x.ndim - n]
-    y = sparse_matmul(xt.reshape(lead + (k,)), w, bias=b, activation=activation, implementation=implementation)
-    return y.reshape(lead + features)
+    return axis, k, features
+
+
+def dense_many(
+    x,
+    kernels,
+    biases,
+    *,
+    activations=None,
+    dtype=None,
+    implementation: str | None = None,
+    paths=None,
+) -> tuple:
+    """``Dense`` layers over ``x``'s last axis, ``tuple(activation_l(dense(x, w_l, b_l)))``, as
+    one :func:`hinm_jax.sparse_matmuls` (one call of the ``"cpu"`` kernel where it can run them).
+
+    Args:
+      x: activations ``(..., K)``.
+      kernels: :class:`~hinm_jax.SparseWeight` kernels, each ``(K, O_l)``.
+      biases: one bias (``(O_l,)`` or ``None``) per kernel.
+      activations: ``None`` or one activation per kernel (``None``, ``"relu"``, ``"gelu"``).
+      dtype: the computation dtype (default: promoted as flax does; kernels whose promoted
+        dtypes differ run as one :func:`dense_general` each).
+      implementation: passed to :func:`hinm_jax.sparse_matmuls`.
+      paths: the kernels' paths, named in errors (default ``"0/kernel"``, ``"1/kernel"``, ...).
+
+    Returns:
+      a tuple of ``(..., O_l)``.
+
+    Example:
+        >>> import jax, hinm_jax
+        >>> params = {n: jax.random.normal(jax.random.key(i), (64, 32)) for i, n in enumerate("qkv")}
+        >>> sw = hinm_jax.compress(params, hinm_jax.prune(params, "2:4"))
+        >>> [y.shape for y in dense_many(jnp.ones((2, 5, 64)), [sw[n] for n in "qkv"], [None] * 3)]
+        [(2, 5, 32), (2, 5, 32), (2, 5, 32)]
+    """
+    x = jnp.asarray(x)
+    kernels, biases = tuple(kernels), tuple(biases)
+    activations = (None,) * len(kernels) if activations is None else tuple(activations)
+    paths = tuple(paths) if paths is not None else tuple(f"{i}/kernel" for i in range(len(kernels)))
+    for w, b, path, a in zip(kernels, biases, paths, activations, strict=True):
+        _dense_check(x, w, b, -1, None, path, a)
+    dts = {_result_dtype(dtype, x, w.values, b) for w, b in zip(kernels, biases)}
+    if len(dts) != 1:
+        return tuple(
+            dense_general(x, w, b, dtype=dtype, implementation=implementation, path=path, activation=a)
+            for w, b, path, a in zip(kernels, biases, paths, activations)
+        )
+    (dt,) = dts
+    return sparse_matmuls(
+        x.astype(dt),
+        [_cast_weight(w, dt) for w in kernels],
+        biases=[None if b is None else jnp.asarray(b, dt).reshape(-1) for b in biases],
+        activations=activations,
+        implementation=implementation,
+    )
+
+
+def feed_forward(
+    x,
+    w1: SparseWeight,
+    bias1,
+    w2: SparseWeight,
+    bias2,
+    *,
+    activation: str | None = None,
+    dtype=None,
+    implementation: str | None = None,
+    paths: tuple[str, str] = ("first/kernel", "second/kernel"),
+):
+    """Two ``Dense`` layers over ``x``'s last axis with an activation between,
+    ``dense(activation(dense(x, w1, bias1)), w2, bias2)``, as one :func:`hinm_jax.sparse_ffn`
+    (one call of the ``"cpu"`` kernel where it can run the block).
+
+    Args:
+      x: activations ``(..., K)``.
+      w1, bias1: the first layer's kernel (a :class:`~hinm_jax.SparseWeight` ``(K, H)``)
+        and bias (``(H,)`` or ``None``).
+      w2, bias2: the second layer's, ``(H, O)`` and ``(O,)`` or ``None``.
+      activation: ``None``, ``"relu"`` or ``"gelu"`` (exact), after the first layer's bias.
+      dtype: both layers' computation dtype (default: promoted as flax does, layer by layer;
+        where the two layers' dtypes differ, they run as two :func:`dense_general` calls).
+      implementation: passed to :func:`hinm_jax.sparse_ffn`.
+      paths: the two kernels' paths, named in errors.
+
+    Returns:
+      ``(..., O)``.
+
+    Example:
+        >>> import jax, hinm_jax
+        >>> params = {"up": jax.random.normal(jax.random.key(0), (64, 256)),
+        ...           "down": jax.random.normal(jax.random.key(1), (256, 64))}
+        >>> sw = hinm_jax.compress(params, hinm_jax.prune(params, "2:4"))
+        >>> feed_forward(jnp.ones((2, 5, 64)), sw["up"], None, sw["down"], None, activation="gelu").shape
+        (2, 5, 64)
+    """
+    x = jnp.asarray(x)
+    _, k, (hidden,) = _dense_check(x, w1, bias1, -1, None, paths[0], activation)
+    h = jax.ShapeDtypeStruct(x.shape[:-1] + (hidden,), x.dtype)
+    _dense_check(h, w2, bias2, -1, None, paths[1], None)
+    dt = _result_dtype(dtype, x, w1.values, bias1)
+    if _result_dtype(dtype, jnp.zeros((), dt), w2.values, bias2) != dt:
+        h = dense_general(x, w1, bias1, dtype=dtype, implementation=implementation, path=paths[0], activation=activation)
+        return dense_general(h, w2, bias2, dtype=dtype, implementation=implementation, path=paths[1])
+    b1 = None if bias1 is None else jnp.asarray(bias1, dt).reshape(-1)
+    b2 = None if bias2 is None else jnp.asarray(bias2, dt).reshape(-1)
+    return sparse_ffn(
+        x.astype(dt), _cast_weight(w1, dt), _cast_weight(w2, dt), bias1=b1, bias2=b2, activation=activation,
+        implementation=implementation,
+    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,9 +11,18 @@ from flax import linen as nn
 from hinm_jax import _activation
 from hinm_jax._capture import kernel_path
 from hinm_jax.format import SparseWeight
-from hinm_jax.layers.functional import ConvSpec, DenseFallbackWarning, _dense_conv, _tuple, conv, dense_general
+from hinm_jax.layers.functional import (
+    ConvSpec,
+    DenseFallbackWarning,
+    _dense_conv,
+    _tuple,
+    conv,
+    dense_general,
+    dense_many,
+    feed_forward,
+)
 
-__all__ = ["Dense", "sparse_inference"]
+__all__ = ["Dense", "FeedForward", "Parallel", "sparse_inference"]
 
 
 class Dense(nn.Dense):
@@ -41,6 +50,112 @@ class Dense(nn.Dense):
     def __call__(self, inputs):
         _activation.check(self.activation, "/".join(str(p) for p in self.scope.path) or self.name or type(self).__name__)
         return _activation.apply(self.activation, super().__call__(inputs))
+
+
+class FeedForward(nn.Module):
+    """A feed-forward block of two dense layers, ``second(first(x))``, which
+    :func:`sparse_inference` runs as one :func:`hinm_jax.sparse_ffn` when both kernels are
+    compressed (one call of the ``"cpu"`` kernel: the intermediate activations never leave
+    its tile layout).
+
+    The two layers are modules the caller creates (in its own ``@nn.compact`` method, named
+    as it likes), so their parameters stay where they were: ``FeedForward`` has none, and
+    pruning, compression and checkpoints see two ``Dense`` layers. The activation between
+    them is ``first``'s (a :class:`Dense`'s ``activation``; none for a plain ``nn.Dense``).
+
+    Attributes:
+      first: the ``(K, H)`` layer: a :class:`Dense` (with its activation) or an ``nn.Dense``.
+      second: the ``(H, O)`` layer, an ``nn.Dense``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> class Block(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x):
+        ...         up, down = Dense(256, activation="gelu", name="up"), nn.Dense(64, name="down")
+        ...         return FeedForward(up, down)(x)
+        >>> params = Block().init(jax.random.key(0), jnp.ones((2, 64)))["params"]
+        >>> sorted(params)
+        ['down', 'up']
+    """
+
+    first: nn.Module
+    second: nn.Module
+
+    def __call__(self, x):
+        return self.second(self.first(x))
+
+
+def _feed_forward_call(module: FeedForward, args, kwargs, implementation):
+    """``module`` as one :func:`feed_forward`, or ``None`` when it is not two ``nn.Dense``
+    with compressed kernels, one dtype and no activation after the second (then its layers
+    run one by one)."""
+    first, second = module.first, module.second
+    found = _dense_layers((first, second), args, kwargs)
+    if found is None or _activation_of(second) is not None:
+        return None
+    (w1, w2), (b1, b2), paths = found
+    return feed_forward(
+        args[0], w1, b1, w2, b2, activation=_activation_of(first), dtype=first.dtype,
+        implementation=implementation, paths=paths,
+    )
+
+
+class Parallel(nn.Module):
+    """Dense layers applied to one input, ``tuple(layer(x) for layer in layers)`` (an attention
+    layer's query, key and value), which :func:`sparse_inference` runs as one
+    :func:`hinm_jax.sparse_matmuls` when every kernel is compressed (one call of the ``"cpu"``
+    kernel: the input is transposed into its tiles once, not once per layer).
+
+    Like :class:`FeedForward`, it holds no parameters: the layers are the caller's modules,
+    whose parameters stay where they are.
+
+    Attributes:
+      layers: the ``nn.Dense`` (or :class:`Dense`) layers, each ``(K, O_l)``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> class Attention(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x):
+        ...         return Parallel(tuple(nn.Dense(64, name=n) for n in ("query", "key", "value")))(x)
+        >>> params = Attention().init(jax.random.key(0), jnp.ones((2, 64)))["params"]
+        >>> sorted(params)
+        ['key', 'query', 'value']
+    """
+
+    layers: tuple
+
+    def __call__(self, x):
+        return tuple(layer(x) for layer in self.layers)
+
+
+def _dense_layers(modules, args, kwargs):
+    """The modules' compressed kernels and biases when each is an ``nn.Dense`` with a compressed
+    kernel and they share one dtype (else ``None``)."""
+    if len(args) != 1 or kwargs or not all(isinstance(m, nn.Dense) for m in modules):
+        return None
+    params = [_own_params(m) for m in modules]
+    if not all(isinstance(p.get("kernel"), SparseWeight) for p in params) or len({m.dtype for m in modules}) != 1:
+        return None
+    paths = tuple(kernel_path("/".join(str(p) for p in m.scope.path)) for m in modules)
+    return tuple(p["kernel"] for p in params), tuple(p.get("bias") for p in params), paths
+
+
+def _activation_of(module):
+    return module.activation if isinstance(module, Dense) else None
+
+
+def _parallel_call(module: Parallel, args, kwargs, implementation):
+    """``module`` as one :func:`dense_many`, or ``None`` (then its layers run one by one)."""
+    found = _dense_layers(tuple(module.layers), args, kwargs)
+    if found is None:
+        return None
+    kernels, biases, paths = found
+    return dense_many(
+        args[0], kernels, biases, activations=tuple(_activation_of(m) for m in module.layers),
+        dtype=module.layers[0].dtype, implementation=implementation, paths=paths,
+    )
 
 
 def _own_params(module) -> dict:
@@ -102,7 +217,9 @@ def _linen_call(module, params, args, kwargs, path: str, implementation):
 def sparse_inference(implementation: str | None = None):
     """Runs linen ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Conv`` layers whose kernel is
     a :class:`~hinm_jax.SparseWeight` through :func:`hinm_jax.sparse_matmul`; a
-    :class:`Dense` passes its activation to it (fused into the ``"cpu"`` kernel).
+    :class:`Dense` passes its activation to it (fused into the ``"cpu"`` kernel), and a
+    :class:`FeedForward` whose two kernels are compressed runs as one
+    :func:`hinm_jax.sparse_ffn`.
 
     Layers with a dense kernel run unchanged, so a partly compressed tree works. Any
     other module holding a ``SparseWeight`` parameter raises a ``ValueError`` naming
@@ -119,6 +236,10 @@ def sparse_inference(implementation: str | None = None):
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         module = context.module
+        if isinstance(module, (FeedForward, Parallel)):
+            block = _feed_forward_call if isinstance(module, FeedForward) else _parallel_call
+            y = block(module, args, kwargs, implementation)
+            return next_fun(*args, **kwargs) if y is None else y
         params = _own_params(module)
         sparse = sorted(name for name, v in params.items() if isinstance(v, SparseWeight))
         if not sparse:
