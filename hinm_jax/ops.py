@@ -224,6 +224,24 @@ def sparse_matmul(x, w: SparseWeight, *, bias=None, activation: str | None = Non
     return _activation.apply(activation, y)
 
 
+def _in_one_call(implementation: str | None, method: str, *args, **kwargs):
+    """The result of ``method`` (several products in one kernel call: ``"ffn"`` or ``"matmuls"``) of
+    the first backend in the dispatch order that has it and can run this call, or ``None`` when none
+    can (the caller then runs one :func:`sparse_matmul` per product, which names a backend that
+    cannot run here)."""
+    for name in _names(implementation):
+        if name == "xla":
+            return None
+        mod = _kernel_backend(name)
+        if mod is None or not mod.is_available() or not hasattr(mod, method):
+            continue
+        try:
+            return getattr(mod, method)(*args, **kwargs)
+        except NotImplementedError:
+            continue  # one call cannot run these products
+    return None
+
+
 def sparse_ffn(
     x,
     w1: SparseWeight,
@@ -279,16 +297,9 @@ def sparse_ffn(
     _activation.check(activation, f"w1: shape={w1.shape} pattern {w1.pattern}")
     lead, o = x.shape[:-1], w2.matrix_shape[1]
     x2 = x.reshape(-1, w1.matrix_shape[0])
-    for name in _names(implementation):
-        if name == "xla":
-            break
-        mod = _kernel_backend(name)
-        if mod is None or not mod.is_available() or not hasattr(mod, "ffn"):
-            continue  # sparse_matmul below names a backend that cannot run here
-        try:
-            return mod.ffn(x2, w1, w2, bias1=bias1, bias2=bias2, activation=activation).reshape(lead + (o,))
-        except NotImplementedError:
-            continue  # one call cannot run this block: two
+    y = _in_one_call(implementation, "ffn", x2, w1, w2, bias1=bias1, bias2=bias2, activation=activation)
+    if y is not None:
+        return y.reshape(lead + (o,))
     y = sparse_matmul(x, w1, bias=bias1, activation=activation, implementation=implementation)
     return sparse_matmul(y, w2, bias=bias2, implementation=implementation)
 
@@ -340,16 +351,8 @@ def sparse_matmuls(x, ws, *, biases=None, activations=None, implementation: str 
         _activation.check(a, f"ws[{i}]: shape={w.shape} pattern {w.pattern}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, ws[0].matrix_shape[0])
-    for name in _names(implementation):
-        if name == "xla":
-            break
-        mod = _kernel_backend(name)
-        if mod is None or not mod.is_available() or not hasattr(mod, "matmuls"):
-            continue  # sparse_matmul below names a backend that cannot run here
-        try:
-            ys = mod.matmuls(x2, ws, biases=biases, activations=activations)
-        except NotImplementedError:
-            continue  # one call cannot run these products: one each
+    ys = _in_one_call(implementation, "matmuls", x2, ws, biases=biases, activations=activations)
+    if ys is not None:
         return tuple(y.reshape(lead + (w.matrix_shape[1],)) for y, w in zip(ys, ws))
     return tuple(
         sparse_matmul(x, w, bias=b, activation=a, implementation=implementation) for w, b, a in zip(ws, biases, activations)

@@ -204,14 +204,17 @@ class LinenBlock(nn.Module):
         return layers.FeedForward(up, down)(x)
 
 
-def _spy_feed_forward(monkeypatch):
-    """Records each sparse_ffn / sparse_matmul call of the layers: ("ffn", activation) / ("matmul", activation)."""
+def _spy_products(monkeypatch):
+    """Records each sparse_ffn / sparse_matmuls / sparse_matmul call of the layers, as ("ffn",
+    activation) / ("many", activations) / ("matmul", activation)."""
     import hinm_jax.layers.functional as functional
 
     calls = []
-    ffn, matmul = functional.sparse_ffn, functional.sparse_matmul
-    monkeypatch.setattr(functional, "sparse_ffn", lambda *a, **kw: calls.append(("ffn", kw.get("activation"))) or ffn(*a, **kw))
-    monkeypatch.setattr(functional, "sparse_matmul", lambda *a, **kw: calls.append(("matmul", kw.get("activation"))) or matmul(*a, **kw))
+    for fn, tag, key in (("sparse_ffn", "ffn", "activation"), ("sparse_matmuls", "many", "activations"),
+                         ("sparse_matmul", "matmul", "activation")):
+        real = getattr(functional, fn)
+        spy = lambda *a, real=real, tag=tag, key=key, **kw: calls.append((tag, kw.get(key))) or real(*a, **kw)
+        monkeypatch.setattr(functional, fn, spy)
     return calls
 
 
@@ -223,7 +226,7 @@ def test_linen_feed_forward_runs_as_one_block(monkeypatch, t):
     params = init(model, x)
     assert sorted(params) == ["before", "down", "up"]
     masks = prune(params, PATTERN, where=r"^(up|down)/kernel$")
-    calls = _spy_feed_forward(monkeypatch)
+    calls = _spy_products(monkeypatch)
     with layers.sparse_inference():
         y = jax.jit(lambda p, x: model.apply({"params": p}, x))(compress(params, masks), x)
     assert calls == [("ffn", "gelu")]
@@ -248,7 +251,7 @@ def test_linen_feed_forward_falls_back_to_its_layers(monkeypatch, case, want):
     params = init(model, x)
     where = r"^down/kernel$" if case == "one kernel compressed" else r"^(up|down)/kernel$"
     masks = prune(params, PATTERN, where=where)
-    calls = _spy_feed_forward(monkeypatch)
+    calls = _spy_products(monkeypatch)
     with layers.sparse_inference():
         y = model.apply({"params": compress(params, masks)}, x)
     assert calls == want
@@ -276,16 +279,6 @@ class LinenAttentionInputs(nn.Module):
         return layers.Parallel(qkv)(x)
 
 
-def _spy_matmuls(monkeypatch):
-    import hinm_jax.layers.functional as functional
-
-    calls = []
-    many, matmul = functional.sparse_matmuls, functional.sparse_matmul
-    monkeypatch.setattr(functional, "sparse_matmuls", lambda *a, **kw: calls.append(("many", kw.get("activations"))) or many(*a, **kw))
-    monkeypatch.setattr(functional, "sparse_matmul", lambda *a, **kw: calls.append(("matmul", kw.get("activation"))) or matmul(*a, **kw))
-    return calls
-
-
 @pytest.mark.parametrize(
     "case, want",
     [
@@ -302,7 +295,7 @@ def test_linen_parallel_runs_as_one_call_or_layer_by_layer(monkeypatch, case, wa
     params = init(model, x)
     assert sorted(params) == ["key", "query", "value"]
     masks = prune(params, PATTERN, where=r"^(key|value)/kernel$" if case == "one dense" else None)
-    calls = _spy_matmuls(monkeypatch)
+    calls = _spy_products(monkeypatch)
     with layers.sparse_inference():
         ys = jax.jit(lambda p, x: model.apply({"params": p}, x))(compress(params, masks), x)
     assert calls == want
