@@ -276,7 +276,7 @@ struct Problem {
   const int32_t* inv;             // output channel -> packed row (the inverse of perm); set: staged
   std::atomic<int32_t>* tile_done;  // units finished per tile, with stage
   int64_t pieces;                 // units per tile (mode 1)
-  // The first layer of a feed-forward block (hinm_ffn_cpu, mode 1): its outputs, activated, are written
+  // The first layer of a feed-forward block (hinm_layers_cpu, mode 1): its outputs, activated, are written
   // as the second layer's x^T (tile_rows(ht, slot, o, xt_stride), row = output channel) instead of y:
   // rows of kTile tokens, so a unit's partial sums go there as they are, in any row order (no transposes
   // and no staging), and they stay in the caches for the second layer's units. nullptr: write y.
@@ -1454,17 +1454,18 @@ __attribute__((noinline)) bool consecutive_blocks(const int32_t* perm, int64_t n
 }
 
 // One layer's index and value arrays, checked against each other and against the layer's input (t, k)
-// and output (t, o) shapes, into p (all but x and y); inv: the inverse of perm (output channel ->
-// packed row). The indices are the packer's and were validated there; a damaged layout must still not
-// read or write outside x and y.
-ffi::Error prepare(Problem& p, int64_t t, int64_t k, int64_t o, ffi::AnyBuffer vals, ffi::Buffer<ffi::U8> pos,
-                   ffi::Buffer<ffi::U16> in, ffi::Buffer<ffi::S32> vidx, ffi::Buffer<ffi::S32> perm,
-                   ffi::Buffer<ffi::F32> bias, int64_t n, int64_t m, int64_t vector_size, int64_t mode,
-                   int64_t activation, std::vector<int32_t>& inv) {
+// and output (t, o) shapes, into p (all but x and y; errors name the handler `who`); inv: the inverse of
+// perm (output channel -> packed row), which p.inv points at when mode 1 stages the layer's outputs (it
+// writes y, and a block's rows go to non-consecutive channels: see finish_unit). The indices are the
+// packer's and were validated there; a damaged layout must still not read or write outside x and y.
+ffi::Error prepare(const char* who, Problem& p, int64_t t, int64_t k, int64_t o, ffi::AnyBuffer vals,
+                   ffi::Buffer<ffi::U8> pos, ffi::Buffer<ffi::U16> in, ffi::Buffer<ffi::S32> vidx,
+                   ffi::Buffer<ffi::S32> perm, ffi::Buffer<ffi::F32> bias, int64_t n, int64_t m, int64_t vector_size,
+                   int64_t mode, int64_t activation, bool writes_y, std::vector<int32_t>& inv) {
+  auto invalid = [who](const char* what) { return ffi::Error::InvalidArgument(std::string(who) + ": " + what); };
   const auto vd = vals.dimensions(), id = vidx.dimensions();
   if (vd.size() != 4 || id.size() != 2)
-    return ffi::Error::InvalidArgument(
-        "hinm_spmm_cpu: expected vals (nb, G, nnz, 16) or pairs (nb, G, nnz / 2, 32), vidx (nb, K_v)");
+    return invalid("expected vals (nb, G, nnz, 16) or pairs (nb, G, nnz / 2, 32), vidx (nb, K_v)");
   const bool pairs = vd[3] == 2 * kGroup;
   p = Problem{};
   p.t = t;
@@ -1482,16 +1483,16 @@ ffi::Error prepare(Problem& p, int64_t t, int64_t k, int64_t o, ffi::AnyBuffer v
       pos.element_count() != vals.element_count() ||
       (in.element_count() != 0 && in.element_count() != pos.element_count()) ||
       int64_t(perm.element_count()) != p.nb * p.v || p.nb * p.v != p.o || p.kv > p.k)
-    return ffi::Error::InvalidArgument("hinm_spmm_cpu: inconsistent shapes");
+    return invalid("inconsistent shapes");
   const auto wt = vals.element_type();
   if (wt != ffi::DataType::F32 && wt != ffi::DataType::BF16)
-    return ffi::Error::InvalidArgument("hinm_spmm_cpu: dtypes must be float32 or bfloat16");
+    return invalid("dtypes must be float32 or bfloat16");
   if (pairs && (n != 2 || m != 4 || wt != ffi::DataType::BF16))
-    return ffi::Error::InvalidArgument("hinm_spmm_cpu: the pair layout holds bfloat16 values of 2:4 stripes");
+    return invalid("the pair layout holds bfloat16 values of 2:4 stripes");
   if (bias.element_count() != 0 && int64_t(bias.element_count()) != p.o)
-    return ffi::Error::InvalidArgument("hinm_spmm_cpu: bias must have O entries or none");
+    return invalid("bias must have O entries or none");
   if (activation != kNone && activation != kRelu && activation != kGelu)
-    return ffi::Error::InvalidArgument("hinm_spmm_cpu: activation must be 0 (none), 1 (relu) or 2 (gelu)");
+    return invalid("activation must be 0 (none), 1 (relu) or 2 (gelu)");
   p.vals = vals.untyped_data();
   p.pos = pos.typed_data();
   p.in = in.element_count() ? in.typed_data() : nullptr;
@@ -1505,11 +1506,11 @@ ffi::Error prepare(Problem& p, int64_t t, int64_t k, int64_t o, ffi::AnyBuffer v
     p.direct = true;
     for (int64_t j = 0; j < p.kv && p.direct; ++j) p.direct = p.vidx[j] == j;
   }
-  if (largest(p.vidx, p.nb * p.kv) >= p.k) return ffi::Error::InvalidArgument("hinm_spmm_cpu: vector index out of range");
-  if (largest(p.perm, p.o) >= p.o) return ffi::Error::InvalidArgument("hinm_spmm_cpu: row permutation out of range");
+  if (largest(p.vidx, p.nb * p.kv) >= p.k) return invalid("vector index out of range");
+  if (largest(p.perm, p.o) >= p.o) return invalid("row permutation out of range");
   // Mode 1's float32 units read x^T at each value's input index unchecked (mode 0 does not read them).
   if (mode == 1 && p.in && largest(p.in, int64_t(in.element_count())) >= p.k)
-    return ffi::Error::InvalidArgument("hinm_spmm_cpu: input index out of range");
+    return invalid("input index out of range");
   // Every channel comes from exactly one packed row (permute_out reads inv[c] for each).
   inv.assign(size_t(p.o), -1);
   int32_t repeats = 0;
@@ -1518,7 +1519,8 @@ ffi::Error prepare(Problem& p, int64_t t, int64_t k, int64_t o, ffi::AnyBuffer v
     repeats |= ~slot;  // nonzero once a slot is written twice (slots start at -1)
     slot = int32_t(r);
   }
-  if (repeats) return ffi::Error::InvalidArgument("hinm_spmm_cpu: row permutation repeats a channel");
+  if (repeats) return invalid("row permutation repeats a channel");
+  if (mode == 1 && writes_y && !consecutive_blocks(p.perm, p.nb, p.v)) p.inv = inv.data();
   return ffi::Error::Success();
 }
 
@@ -1533,7 +1535,8 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   if (mode != 0 && mode != 1) return ffi::Error::InvalidArgument("hinm_spmm_cpu: mode must be 0 or 1");
   Problem p;
   std::vector<int32_t> inv;
-  if (auto e = prepare(p, xd[0], xd[1], yd[1], vals, pos, in, vidx, perm, bias, n, m, vector_size, mode, activation, inv);
+  if (auto e = prepare("hinm_spmm_cpu", p, xd[0], xd[1], yd[1], vals, pos, in, vidx, perm, bias, n, m, vector_size, mode,
+                       activation, true, inv);
       e.failure())
     return e;
   using ffi::DataType;
@@ -1541,8 +1544,6 @@ ffi::Error Spmm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer vals, ffi
   auto ok = [](DataType d) { return d == DataType::F32 || d == DataType::BF16; };
   if (!ok(xt) || !ok(yt)) return ffi::Error::InvalidArgument("hinm_spmm_cpu: dtypes must be float32 or bfloat16");
   if (p.t == 0) return ffi::Error::Success();
-  // Mode 1 stages the outputs when a block's rows go to non-consecutive channels (see finish_unit).
-  if (mode == 1 && !consecutive_blocks(p.perm, p.nb, p.v)) p.inv = inv.data();
   p.x = x.untyped_data();
   p.y = y->untyped_data();
   const bool pairs = vals.dimensions()[3] == 2 * kGroup;
@@ -1615,8 +1616,8 @@ ffi::Error Layers(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::RemainingArgs arg
       o = yd[1];
       y = (*out)->untyped_data();
     }
-    if (auto e = prepare(ly[l], t, k, o, *vals, *pos, *in, *vidx, *perm, *bias, n[l], m[l], vector_size[l], 1,
-                         activation[l], inv[l]);
+    if (auto e = prepare("hinm_layers_cpu", ly[l], t, k, o, *vals, *pos, *in, *vidx, *perm, *bias, n[l], m[l],
+                         vector_size[l], 1, activation[l], writes_y, inv[l]);
         e.failure())
       return e;
     ly[l].y = y;
@@ -1624,7 +1625,6 @@ ffi::Error Layers(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::RemainingArgs arg
     if (l == 0) wt = vals->element_type(), last_axis = vals->dimensions()[3];
     if (vals->element_type() != wt || vals->dimensions()[3] != last_axis)
       return invalid("every weight must have the same dtype and layout");
-    if (writes_y && !consecutive_blocks(ly[l].perm, ly[l].nb, ly[l].v)) ly[l].inv = inv[l].data();
     ly[l].x = x.untyped_data();
     per_token += double(ly[l].o) * double(ly[l].nnz);
     if (chained) k = ly[l].o;  // the next layer's inputs
@@ -1639,7 +1639,6 @@ ffi::Error Layers(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::RemainingArgs arg
 }
 
 }  // namespace hinm_cpu
-
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HinmSpmmCpu, hinm_cpu::Spmm,
                               ffi::Ffi::Bind()

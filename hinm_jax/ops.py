@@ -197,8 +197,13 @@ def sparse_matmul(x, w: SparseWeight, *, bias=None, activation: str | None = Non
     """
     x = jnp.asarray(x)
     _check(x, w, bias)
-    k, o = w.matrix_shape
     _activation.check(activation, f"w: shape={w.shape} pattern {w.pattern}")
+    return _matmul(x, w, bias, activation, implementation)
+
+
+def _matmul(x, w: SparseWeight, bias, activation, implementation):
+    """:func:`sparse_matmul` of arguments already checked (``_check``, the activation's)."""
+    k, o = w.matrix_shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     y = None
@@ -227,8 +232,7 @@ def sparse_matmul(x, w: SparseWeight, *, bias=None, activation: str | None = Non
 def _in_one_call(implementation: str | None, method: str, *args, **kwargs):
     """The result of ``method`` (several products in one kernel call: ``"ffn"`` or ``"matmuls"``) of
     the first backend in the dispatch order that has it and can run this call, or ``None`` when none
-    can (the caller then runs one :func:`sparse_matmul` per product, which names a backend that
-    cannot run here)."""
+    can (the caller then runs one product at a time, which names a backend that cannot run here)."""
     for name in _names(implementation):
         if name == "xla":
             return None
@@ -300,8 +304,8 @@ def sparse_ffn(
     y = _in_one_call(implementation, "ffn", x2, w1, w2, bias1=bias1, bias2=bias2, activation=activation)
     if y is not None:
         return y.reshape(lead + (o,))
-    y = sparse_matmul(x, w1, bias=bias1, activation=activation, implementation=implementation)
-    return sparse_matmul(y, w2, bias=bias2, implementation=implementation)
+    y = _matmul(x, w1, bias1, activation, implementation)
+    return _matmul(y, w2, bias2, None, implementation)
 
 
 def sparse_matmuls(x, ws, *, biases=None, activations=None, implementation: str | None = None) -> tuple:
@@ -354,6 +358,4 @@ def sparse_matmuls(x, ws, *, biases=None, activations=None, implementation: str 
     ys = _in_one_call(implementation, "matmuls", x2, ws, biases=biases, activations=activations)
     if ys is not None:
         return tuple(y.reshape(lead + (w.matrix_shape[1],)) for y, w in zip(ys, ws))
-    return tuple(
-        sparse_matmul(x, w, bias=b, activation=a, implementation=implementation) for w, b, a in zip(ws, biases, activations)
-    )
+    return tuple(_matmul(x, w, b, a, implementation) for w, b, a in zip(ws, biases, activations))

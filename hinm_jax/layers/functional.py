@@ -2,9 +2,10 @@
 
 :func:`dense_general` and :func:`conv` compute what ``flax`` ``DenseGeneral`` and
 ``Conv`` compute, with the kernel a :class:`~hinm_jax.SparseWeight`, through one
-:func:`hinm_jax.sparse_matmul`; :func:`feed_forward`, two ``Dense`` layers with an
-activation between, through one :func:`hinm_jax.sparse_ffn`. A convolution runs as patch extraction
-(``lax.conv_general_dilated_patches``) followed by one sparse matmul; the patches come
+:func:`hinm_jax.sparse_matmul`; :func:`dense_many` (``Dense`` layers of one input) and
+:func:`feed_forward` (two ``Dense`` layers with an activation between) through one
+:func:`hinm_jax.sparse_matmuls` / :func:`hinm_jax.sparse_ffn`. A convolution runs as patch
+extraction (``lax.conv_general_dilated_patches``) followed by one sparse matmul; the patches come
 out with the input channel *slowest* (``(I, kh, kw)``), so the weight's vector index is
 renumbered into patch order (:func:`patch_order`) instead of transposing activations.
 """
@@ -24,7 +25,16 @@ from hinm_jax import _activation
 from hinm_jax.format import SparseWeight
 from hinm_jax.ops import sparse_ffn, sparse_matmul, sparse_matmuls
 
-__all__ = ["DenseFallbackWarning", "dense_general", "dense_many", "feed_forward", "ConvSpec", "conv", "conv_patches", "patch_order"]
+__all__ = [
+    "DenseFallbackWarning",
+    "dense_general",
+    "dense_many",
+    "feed_forward",
+    "ConvSpec",
+    "conv",
+    "conv_patches",
+    "patch_order",
+]
 
 
 class DenseFallbackWarning(UserWarning):
@@ -50,6 +60,10 @@ def _result_dtype(dtype, *xs):
     if dtype is not None:
         return jnp.dtype(dtype)
     return jnp.result_type(*(x for x in xs if x is not None))
+
+
+def _cast_bias(bias, dtype):
+    return None if bias is None else jnp.asarray(bias, dtype).reshape(-1)
 
 
 def _cast_weight(w: SparseWeight, dtype) -> SparseWeight:
@@ -108,7 +122,7 @@ def dense_general(
     dt = _result_dtype(dtype, x, w.values, bias)
     x = x.astype(dt)
     w = _cast_weight(w, dt)
-    b = None if bias is None else jnp.asarray(bias, dt).reshape(-1)
+    b = _cast_bias(bias, dt)
     n = len(axis)
     xt = jnp.moveaxis(x, axis, tuple(range(x.ndim - n, x.ndim)))
     lead = xt.shape[: x.ndim - n]
@@ -199,7 +213,7 @@ def dense_many(
     return sparse_matmuls(
         x.astype(dt),
         [_cast_weight(w, dt) for w in kernels],
-        biases=[None if b is None else jnp.asarray(b, dt).reshape(-1) for b in biases],
+        biases=[_cast_bias(b, dt) for b in biases],
         activations=activations,
         implementation=implementation,
     )
@@ -244,18 +258,16 @@ def feed_forward(
         (2, 5, 64)
     """
     x = jnp.asarray(x)
-    _, k, (hidden,) = _dense_check(x, w1, bias1, -1, None, paths[0], activation)
+    _, _, (hidden,) = _dense_check(x, w1, bias1, -1, None, paths[0], activation)
     h = jax.ShapeDtypeStruct(x.shape[:-1] + (hidden,), x.dtype)
     _dense_check(h, w2, bias2, -1, None, paths[1], None)
     dt = _result_dtype(dtype, x, w1.values, bias1)
     if _result_dtype(dtype, jnp.zeros((), dt), w2.values, bias2) != dt:
         h = dense_general(x, w1, bias1, dtype=dtype, implementation=implementation, path=paths[0], activation=activation)
         return dense_general(h, w2, bias2, dtype=dtype, implementation=implementation, path=paths[1])
-    b1 = None if bias1 is None else jnp.asarray(bias1, dt).reshape(-1)
-    b2 = None if bias2 is None else jnp.asarray(bias2, dt).reshape(-1)
     return sparse_ffn(
-        x.astype(dt), _cast_weight(w1, dt), _cast_weight(w2, dt), bias1=b1, bias2=b2, activation=activation,
-        implementation=implementation,
+        x.astype(dt), _cast_weight(w1, dt), _cast_weight(w2, dt), bias1=_cast_bias(bias1, dt),
+        bias2=_cast_bias(bias2, dt), activation=activation, implementation=implementation,
     )
 
 
