@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import hinm_jax
 from hinm_jax import layers, select
 from hinm_jax.layers import ConvSpec, DenseFallbackWarning
+from hinm_jax.layers import nnx as hnnx
 
 PATTERN = hinm_jax.HiNM(32, 0.5, 2, 4)
 
@@ -569,6 +570,45 @@ def test_nnx_matches_masked_dense(name, cls, shape):
     # the original model is untouched
     assert isinstance(model.head if name != "block" else model.up, nnx.Linear)
     assert not np.allclose(np.asarray(run(model, x)), np.asarray(y), rtol=1e-3)
+
+
+class NnxFusedBlock(nnx.Module):
+    """Query, key and value of one input as a Parallel block, and a FeedForward block."""
+
+    def __init__(self, rngs):
+        self.qkv = hnnx.Parallel([nnx.Linear(32, 64, rngs=rngs) for _ in range(3)])
+        self.mlp = hnnx.FeedForward(nnx.Linear(32, 128, rngs=rngs), nnx.Linear(128, 32, rngs=rngs), activation="gelu")
+
+    def __call__(self, x):
+        return self.qkv(x), self.mlp(x)
+
+
+@pytest.mark.parametrize(
+    "case, where, want",
+    [
+        ("all compressed", None, [("many", (None, None, None)), ("ffn", "gelu")]),
+        ("some dense", r"^(qkv/layers/0|mlp/second)/kernel$", [("matmul", None), ("matmul", None)]),
+    ],
+)
+def test_nnx_feed_forward_and_parallel_run_as_one_call(monkeypatch, case, where, want):
+    """After to_inference, each block of SparseLinear layers is one sparse_matmuls / sparse_ffn; a block
+    with a dense layer runs layer by layer. Outputs equal the masked dense model's; errors name the path."""
+    model, x = nnx_model(NnxFusedBlock), normal(seed=11, shape=(2, 20, 32))
+    state = nnx.state(model, nnx.Param)
+    masks = prune(state, PATTERN, where=where)
+    ref_model = nnx.clone(model)
+    nnx.update(ref_model, apply_masks(state, masks))
+    sparse = layers.to_inference(model, masks)
+    calls = _spy_products(monkeypatch)
+    ys = nnx.jit(lambda m, x: m(x))(sparse, x)
+    assert calls == want
+    for y, ref in zip(jax.tree.leaves(ys), jax.tree.leaves(ref_model(x)), strict=True):
+        assert_close(y, ref)
+    if case == "all compressed":
+        with pytest.raises(ValueError, match=r"^qkv/layers/0/kernel: "):
+            sparse(x[..., :16])
+        with pytest.raises(ValueError, match=r"^FeedForward: activation='tanh'"):
+            hnnx.FeedForward(sparse.mlp.first, sparse.mlp.second, activation="tanh")
 
 
 def test_nnx_sparse_state_is_compressed():

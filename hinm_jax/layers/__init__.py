@@ -8,7 +8,10 @@
   Built on ``flax.linen.intercept_methods``: the model code is not touched.
 - **nnx**: :func:`to_inference` returns a new model whose pruned ``nnx.Linear`` /
   ``nnx.LinearGeneral`` / ``nnx.Conv`` are swapped for :class:`SparseLinear` /
-  :class:`SparseConv` holding the compressed weight (``nnx.jit`` works on it).
+  :class:`SparseConv` holding the compressed weight (``nnx.jit`` works on it);
+  :class:`hinm_jax.layers.nnx.FeedForward` and :class:`hinm_jax.layers.nnx.Parallel` hold
+  ``nnx.Linear`` layers and, once these are :class:`SparseLinear`, run as one
+  :func:`hinm_jax.sparse_ffn` / :func:`hinm_jax.sparse_matmuls`.
 
 Convolutions run as patch extraction (``lax.conv_general_dilated_patches``) followed by
 one sparse matmul. The patches come out with the input channel *slowest* (``(I, kh,
@@ -27,7 +30,7 @@ Modules: :mod:`~hinm_jax.layers.functional` (the ops: :func:`dense_general`,
 activation that sparse inference fuses into the kernel, :class:`FeedForward` and
 :class:`Parallel`: layers that run as one call),
 :mod:`~hinm_jax.layers.nnx` (:class:`SparseLinear`, :class:`SparseConv`,
-:func:`to_inference`), :mod:`~hinm_jax.layers.features` (:func:`fold_features`).
+:func:`to_inference`, and its own ``FeedForward`` and ``Parallel``), :mod:`~hinm_jax.layers.features` (:func:`fold_features`).
 
 Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, hinm_jax

@@ -20,12 +20,23 @@ from hinm_jax.layers.functional import (
     _tuple,
     conv,
     dense_general,
+    dense_many,
+    feed_forward,
     patch_order,
 )
 from hinm_jax.masks import Mask, is_mask_leaf
 from hinm_jax.ops import default_implementation, pack_for
 
-__all__ = ["SparseParam", "SparseLinear", "SparseConv", "Conversion", "conversion_report", "to_inference"]
+__all__ = [
+    "SparseParam",
+    "SparseLinear",
+    "SparseConv",
+    "FeedForward",
+    "Parallel",
+    "Conversion",
+    "conversion_report",
+    "to_inference",
+]
 
 
 class SparseParam(nnx.Variable):
@@ -184,6 +195,99 @@ class SparseLinear(nnx.Module):
         if out_sharding is not None:
             y = jax.lax.with_sharding_constraint(y, out_sharding)
         return y
+
+
+def _one_call(modules):
+    """``(kernels, biases, paths, dtype, implementation)`` when every module is a
+    :class:`SparseLinear` over the last axis with one output axis and no
+    ``preferred_element_type``, and they share one dtype and implementation; else ``None``
+    (then they run one by one)."""
+    if not all(isinstance(m, SparseLinear) for m in modules):
+        return None
+    if any(m.axis != (-1,) or len(m.out_features) != 1 or m.preferred_element_type is not None for m in modules):
+        return None
+    if len({m.dtype for m in modules}) != 1 or len({m.implementation for m in modules}) != 1:
+        return None
+    kernels = tuple(m.kernel.get_value() for m in modules)
+    biases = tuple(m.bias[...] if m.bias is not None else None for m in modules)
+    paths = tuple(kernel_path(m.path) for m in modules)
+    return kernels, biases, paths, modules[0].dtype, modules[0].implementation
+
+
+class FeedForward(nnx.Module):
+    """Two linear layers with an activation between, ``second(activation(first(x)))``, that
+    runs as one :func:`hinm_jax.sparse_ffn` once :func:`to_inference` has made both layers
+    :class:`SparseLinear` (one call of the ``"cpu"`` kernel: the intermediate activations never
+    leave its tile layout); otherwise layer by layer.
+
+    The nnx counterpart of :class:`hinm_jax.layers.FeedForward`. The layers are its children
+    (parameter paths ``<name>/first/kernel`` and ``<name>/second/kernel``). Layers with an
+    activation of their own (:class:`SparseLinear`'s ``activation``) run layer by layer.
+
+    Args:
+      first: the ``(K, H)`` layer, an ``nnx.Linear`` (or a :class:`SparseLinear`).
+      second: the ``(H, O)`` layer.
+      activation: ``None``, ``"relu"`` or ``"gelu"`` (exact), applied between them.
+
+    Example:
+        >>> from flax import nnx
+        >>> import hinm_jax
+        >>> from hinm_jax.layers import nnx as hnnx
+        >>> block = hnnx.FeedForward(nnx.Linear(64, 256, rngs=nnx.Rngs(0)),
+        ...                          nnx.Linear(256, 64, rngs=nnx.Rngs(1)), activation="gelu")
+        >>> masks = hinm_jax.prune(nnx.state(block, nnx.Param), "hinm:32:0.5:2:4")
+        >>> sparse = hnnx.to_inference(block, masks)  # first and second become SparseLinear
+        >>> sparse(jnp.ones((3, 64))).shape
+        (3, 64)
+    """
+
+    def __init__(self, first, second, *, activation: str | None = None):
+        _activation.check(activation, "FeedForward")
+        self.first, self.second, self.activation = first, second, activation
+
+    def __call__(self, x):
+        found = _one_call((self.first, self.second))
+        if found is not None and self.first.activation is None and self.second.activation is None:
+            (w1, w2), (b1, b2), paths, dtype, implementation = found
+            return feed_forward(
+                x, w1, b1, w2, b2, activation=self.activation, dtype=dtype, implementation=implementation, paths=paths
+            )
+        return self.second(_activation.apply(self.activation, self.first(x)))
+
+
+class Parallel(nnx.Module):
+    """Linear layers applied to one input, ``tuple(layer(x) for layer in layers)`` (an attention
+    layer's query, key and value), that runs as one :func:`hinm_jax.sparse_matmuls` once
+    :func:`to_inference` has made every layer a :class:`SparseLinear` (one call of the ``"cpu"``
+    kernel: the input is transposed into its tiles once, not once per layer); otherwise layer
+    by layer.
+
+    The nnx counterpart of :class:`hinm_jax.layers.Parallel`; the layers are its children
+    (paths ``<name>/layers/0/kernel``, ...).
+
+    Args:
+      layers: the ``nnx.Linear`` layers, each ``(K, O_l)``.
+
+    Example:
+        >>> from flax import nnx
+        >>> from hinm_jax.layers import nnx as hnnx
+        >>> qkv = hnnx.Parallel([nnx.Linear(64, 64, rngs=nnx.Rngs(i)) for i in range(3)])
+        >>> [y.shape for y in qkv(jnp.ones((3, 64)))]
+        [(3, 64), (3, 64), (3, 64)]
+    """
+
+    def __init__(self, layers):
+        self.layers = nnx.List(layers)
+
+    def __call__(self, x):
+        found = _one_call(tuple(self.layers))
+        if found is not None:
+            kernels, biases, paths, dtype, implementation = found
+            return dense_many(
+                x, kernels, biases, activations=tuple(m.activation for m in self.layers), dtype=dtype,
+                implementation=implementation, paths=paths,
+            )
+        return tuple(layer(x) for layer in self.layers)
 
 
 class SparseConv(nnx.Module):
